@@ -4,7 +4,7 @@ Every method patches, for each sample and layer set K, the source run's block ou
 target run at position 0 (block l's output for every l in K) and reads the answer's logit and rank at the
 target's last position. All read the same random checkpoint written by transformers' save_pretrained.
 
-  ours            olmo_iv.patching.patch_layers: each source once, the target run, then the set tree (each set
+  ours            olmo_iv.interventions.patching.patch_layers: each source once, the target run, then the set tree (each set
                   starts from its parent's cached residual), rows batched across sets and samples, last-position
                   logits, ranks by counting.
   nnsight-a       nnsight on Olmo2ForCausalLM, the paper's structure: per sample one source trace (saving every
@@ -58,7 +58,7 @@ from common import (
     worker_spec,  # fmt: skip
 )
 
-from olmo_iv.patching import _tree, answer_rank, canonical, layer_grid
+from olmo_iv.interventions.patching import _tree, answer_rank, canonical, layer_grid
 
 METHODS = ("ours", "nnsight-b", "nnsight-b-last", "nnsight-a")
 TARGET_POS = 0
@@ -166,7 +166,7 @@ def worker(spec: dict) -> None:
     first = tuple(x[:1] for x in samples)
     if method == "ours":
         import olmo_iv
-        from olmo_iv.patching import patch_layers
+        from olmo_iv.interventions.patching import patch_layers
 
         model = olmo_iv.load(spec["checkpoint"], dtype=dtype, device=device)
 

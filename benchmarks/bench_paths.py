@@ -1,5 +1,5 @@
-"""Issue 7: path tracing, olmo_iv.paths.trace (DP counts, pruned prefix-trie frontier, fused step op, readout by
-counting) against the direct per-path implementation (olmo_iv.paths.trace_direct: enumerate every path, multiply
+"""Issue 7: path tracing, olmo_iv.analysis.paths.trace (DP counts, pruned prefix-trie frontier, fused step op, readout by
+counting) against the direct per-path implementation (olmo_iv.analysis.paths.trace_direct: enumerate every path, multiply
 the per-layer maps out head by head for each path, read out with a full argsort, as the reference does).
 
 CPU (default): a small random model and the toy model when olmo_iv/models/toy exists. Both methods trace the
@@ -42,7 +42,7 @@ from common import (
     worker_spec,
 )
 
-from olmo_iv import paths as P
+from olmo_iv.analysis import paths as P
 from olmo_iv.model import ModelConfig, OLMo2
 
 CPU_SHAPE = Shape("paths-small", 8, 256, 8, 1024)  # 8 layers, d=256, the real 100352-token vocabulary

@@ -36,3 +36,15 @@ def progress_bar(console: Console, unit: str = "", transient: bool = False) -> P
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(unit)] if unit else []
     return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+
+
+def bar_callback(bar: Progress):
+    """The library's progress callback (olmo_iv.progress.ProgressFn), drawn as one rich bar per label."""
+    tasks: dict[str, int] = {}
+
+    def progress(label: str, advance: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total or None)
+        bar.update(tasks[label], advance=advance)
+
+    return progress

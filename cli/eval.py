@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import app, bar_callback, progress_bar
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app
 from olmo_iv.errors import OlmoIVError
 
 
@@ -32,12 +32,13 @@ def eval_(
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Output folder (per-task CSVs, summary, figure12.png)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    resume: bool = typer.Option(True, help="Skip (model, task) pairs already scored in --out with the same settings."),
+    overwrite: bool = typer.Option(False, help="Discard the run in --out and compute it again (a run with the same settings always continues where it stopped)."),
 ) -> None:
     """Generate greedy answers (no BOS, no chat template, stop at a newline) and score exact-match accuracy (both
     post-processings) and instructional accuracy (options and judge). Writes per-sample CSVs, summary.csv/json and
     the Figure 12 bar chart."""
-    from olmo_iv.eval import CONTRASTIVE_TASKS, EvalSettings, HTTPJudge, RuleJudge, run_eval
+    from olmo_iv.evals.inference import CONTRASTIVE_TASKS, EvalSettings, HTTPJudge, RuleJudge
+    from olmo_iv.runs.eval import run_eval
 
     if judge == "rules":
         if judge_url or judge_model or judge_key_env:
@@ -53,8 +54,9 @@ def eval_(
     settings = EvalSettings(mode=mode, samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             dtype=dtype)  # fmt: skip
     console = Console()
-    rows = run_eval(model, task or list(CONTRASTIVE_TASKS), settings, out, judge=the_judge, device=device,
-                    resume=resume)  # fmt: skip
+    with progress_bar(console, transient=True) as bar:
+        rows = run_eval(model, task or list(CONTRASTIVE_TASKS), settings, out, judge=the_judge, device=device,
+                        overwrite=overwrite, progress=bar_callback(bar))
     table = Table(title=f"task inference ({mode} post-processing), % of n samples")
     for col in ("model", "task", "n", "EM ref", "EM faithful", "option IA", "judge IA", "IA"):
         table.add_column(col, justify="left" if col in ("model", "task") else "right")
@@ -62,4 +64,4 @@ def eval_(
         table.add_row(Path(r["model"]).name, r["task"].rsplit("/", 1)[-1], str(r["n"]), _pct(r["em_reference"]),
                       _pct(r["em_faithful"]), _pct(r["option_ia"]), _pct(r["judge_ia"]), _pct(r["ia"]))  # fmt: skip
     console.print(table)
-    console.print(f"[green]wrote[/] {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'figure12.png'}")
+    console.print(f"[green]wrote[/] {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'figure12.png'}, {out / 'figure12.pdf'}")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import app, bar_callback, progress_bar
 from rich.console import Console
 from rich.table import Table
-
-from cli.app import app, progress_bar
 
 
 @app.command("patch")
@@ -26,26 +25,19 @@ def patch(
     out: Path = typer.Option(Path("runs/patch"), "--out", "-o", help="Run folder (patching.csv, summary.json, heatmaps)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    resume: bool = typer.Option(False, help="Finish an interrupted run in --out (same settings)."),
+    overwrite: bool = typer.Option(False, help="Discard the run in --out and compute it again (a run with the same settings always continues where it stopped)."),
 ) -> None:
     """Patch the instruction's residual stream at T_inst into the query's run at one, two or three layers at once,
     and measure how much of the answer comes back. Writes patching.csv, summary.json and heatmaps."""
-    from olmo_iv.patch_run import DEFAULT_TASKS, PatchSettings, run_patching
+    from olmo_iv.runs.patch import DEFAULT_TASKS, PatchSettings, run_patching
 
     console = Console()
     settings = PatchSettings(models=model, tasks=task or list(DEFAULT_TASKS), samples=samples, sample_seed=sample_seed,
                              layers=layers, diagonal=diagonal, mode=mode,
                              sets=[x.strip() for x in sets.split(",") if x.strip()] if sets else [], target_pos=target_pos or [],
                              max_rank=max_rank, dtype=dtype, device=device)  # fmt: skip
-    bars: dict[str, int] = {}
     with progress_bar(console) as bar:
-
-        def progress(description: str, advance: int, total: int) -> None:
-            if description not in bars:
-                bars[description] = bar.add_task(description, total=total or None)
-            bar.update(bars[description], advance=advance)
-
-        summary = run_patching(settings, out, resume=resume, progress=progress)
+        summary = run_patching(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     for entry in summary["top10"]:
         table = Table(title=f"{entry['model']} · {entry['task']} · pos {entry['target_pos']}: top-10 by mean {entry['metric']}")
         table.add_column("rank", justify="right")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import app, bar_callback, progress_bar
 from rich.console import Console
 from rich.table import Table
-
-from cli.app import app, progress_bar
 
 
 @app.command("paths")
@@ -27,12 +26,13 @@ def paths(
     max_paths: int = typer.Option(10**9, help="Refuse samples with more paths than this (counted before any work)."),
     out: Path = typer.Option(Path("runs/paths"), "--out", "-o", help="Run folder."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
-    resume: bool = typer.Option(False, help="Finish an interrupted run in --out (same settings)."),
+    overwrite: bool = typer.Option(False, help="Discard the run in --out and compute it again (a run with the same settings always continues where it stopped)."),
 ) -> None:
     """Trace the paths that carry the answer from each input token to the output through the argmax-attention
     graph, keep those whose logits rank the answer within --threshold, and report kept paths per source token
     (Figure 4) and head activity (Figure 5). Writes per-sample CSV/JSON, aggregate CSVs, summary.json and PNGs."""
-    from olmo_iv.paths import PathConfig, PathRunSettings, run_paths
+    from olmo_iv.analysis.paths import PathConfig
+    from olmo_iv.runs.paths import PathRunSettings, run_paths
 
     console = Console()
     settings = PathRunSettings(model=model, task=task, samples=samples, prompt_mode=prompt_mode,
@@ -40,14 +40,7 @@ def paths(
                                                 readout_chunk=readout_chunk, max_paths=max_paths),
                                head_tokens=head_token or [], device=device)  # fmt: skip
     with progress_bar(console, unit="paths", transient=True) as bar:
-        bars: dict[str, int] = {}
-
-        def progress(description: str, done: int, total: int) -> None:
-            if description not in bars:
-                bars[description] = bar.add_task(description, total=total)
-            bar.update(bars[description], completed=done)
-
-        summary = run_paths(settings, out, resume=resume, progress=progress)
+        summary = run_paths(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     table = Table(title=f"{model} · {task} · {mode}: mean kept paths (rank <= {threshold}) per source token, "
                         f"{summary['n_samples']} samples")  # fmt: skip
     for name in ("position", "mean kept", "mean total"):

@@ -1,4 +1,4 @@
-"""`olmo-iv stats RUN_DIR`: superadditivity tests on a patching run (olmo_iv.stats)."""
+"""`olmo-iv stats RUN_DIR`: superadditivity tests on a patching run (olmo_iv.analysis.superadditivity)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import app
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app
-from olmo_iv.stats import METRICS, ReferenceRow, SoundRow, StatsConfig, run_stats
+from olmo_iv.analysis.superadditivity import METRICS, ReferenceRow, SoundRow, StatsConfig
+from olmo_iv.runs.stats import run_stats
 
 
 def _f(x: float, fmt: str = ".2f") -> str:

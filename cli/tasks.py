@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import app
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app
 from olmo_iv import tasks as T
 from olmo_iv.errors import OlmoIVError
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.model import KVCache, OLMo2
+from olmo_iv.progress import ProgressFn
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -119,7 +120,7 @@ def generate(
     batch_size: int = 32,
     tokenizer=None,
     use_cache: bool = True,
-    progress: bool = False,
+    progress: ProgressFn | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt; returns the new token ids only, one list per prompt, in order.
 
@@ -159,14 +160,12 @@ def generate(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        batches = track(batches, description="generating", transient=True)
     for batch in batches:
         gens = _generate_batch(model, [rows[i] for i in batch], max_new_tokens, stop_t, use_cache)
         for i, gen in zip(batch, gens, strict=True):
             out[i] = gen
+        if progress is not None:
+            progress("generating", len(batch), len(rows))
     return out
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from olmo_iv import eval as ev
+from olmo_iv.evals import inference as ev
 from olmo_iv.errors import OlmoIVError
 
 # (raw generation, task, reference answer, faithful answer)
@@ -329,7 +329,7 @@ def test_run_eval_files_numbers_and_resume(tmp_path, checkpoint, monkeypatch):
 def test_cli_with_http_judge(tmp_path, checkpoint, stub):
     from typer.testing import CliRunner
 
-    from cli.main import _typer_app
+    from olmo_iv.cli.main import _typer_app
 
     server = stub(lambda body: completion("yes"))
     args = ["eval", "--model", checkpoint, "--task", "adj_ant", "--samples", "5", "--max-new-tokens", "3",

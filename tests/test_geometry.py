@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.geometry import (
+from olmo_iv.analysis.probes import (
     ProbeConfig,
     instruction_vectors,
     last_token_resid,

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from olmo_iv import OlmoIVError
-from olmo_iv.patch_run import PatchSettings, run_patching
+from olmo_iv.runs.patch import PatchSettings, run_patching
 from tests.conftest import make_olmo2_vocab_checkpoint
 
 
@@ -95,7 +95,7 @@ def test_explicit_sets_and_out_of_range_layer(tmp_path, checkpoint):
 
 
 def test_cli(tmp_path, checkpoint):
-    from cli.main import _typer_app
+    from olmo_iv.cli.main import _typer_app
 
     result = CliRunner().invoke(_typer_app, ["patch", "--model", checkpoint, "--task", "animals/anim_color",
                                              "--samples", "3", "--layers", "1", "--mode", "reference",

@@ -7,7 +7,7 @@ import torch
 
 import olmo_iv
 from olmo_iv import OlmoIVError
-from olmo_iv.patching import (
+from olmo_iv.interventions.patching import (
     PatchResult,
     answer_rank,
     layer_grid,

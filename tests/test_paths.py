@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import olmo_iv
-from olmo_iv import paths as P
+from olmo_iv.analysis import paths as P
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.kernels import frozen_mlp
 from tests.conftest import make_hf_checkpoint
@@ -222,7 +222,7 @@ def _word_tokenizer(words: list[str]):
 def test_cli_run_writes_resumes_and_checks_settings(tmp_path, tiny_checkpoint):
     from typer.testing import CliRunner
 
-    from cli.main import _typer_app
+    from olmo_iv.cli.main import _typer_app
     from olmo_iv import tasks
 
     samples = tasks.samples("adjectives/adj_comp", n=2)

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.stats import (
+from olmo_iv.analysis.superadditivity import (
     COLUMNS,
     Group,
     StatsConfig,
@@ -339,13 +339,13 @@ def test_stats_command_writes_tables_and_metadata(tmp_path):
 
 
 def test_stats_command_error_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    import cli.main
+    import olmo_iv.cli.main
 
     n = 4
     run = write_run(tmp_path, run_rows({(0,): np.zeros(n), (1,): np.zeros(n)}))
     monkeypatch.setattr(sys, "argv", ["olmo-iv", "stats", str(run)])
     with pytest.raises(SystemExit) as exit_:
-        cli.main.app()
+        olmo_iv.cli.main.app()
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "no multi-layer patches" in " ".join(err.split()) and "Traceback" not in err

@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from typer.testing import CliRunner
 
 from olmo_iv import tasks as T
+import olmo_iv.tasks.registry  # noqa: F401  (T.registry: the module whose state the fixture resets)
 from olmo_iv.errors import OlmoIVError
 
 PAPER_TASKS = ["adjectives/adj_comp", "adjectives/adj_ant", "animals/anim_color", "animals/can_fly",
@@ -83,8 +84,8 @@ def all_encoded(tok) -> dict[tuple[str, str], list[T.Encoded]]:
 @pytest.fixture
 def clean_registry(monkeypatch):
     """User registrations and $OLMO_IV_TASKS are undone after the test."""
-    monkeypatch.setattr(T, "_USER", {})
-    monkeypatch.setattr(T, "_env_loaded", [])
+    monkeypatch.setattr(T.registry, "_USER", {})
+    monkeypatch.setattr(T.registry, "_env_loaded", [])
     monkeypatch.delenv(T.TASKS_ENV, raising=False)
     return monkeypatch
 
@@ -408,7 +409,7 @@ def test_prefix_and_bos_errors(clean_registry, tmp_path):
 def _cli(*args):
     import typer
 
-    from cli.tasks import tasks_command
+    from olmo_iv.cli.tasks import tasks_command
 
     # A group of its own, so the test does not depend on which other commands cli.app holds (a Typer app with
     # a single command would run it without its name).

@@ -11,7 +11,7 @@ import torch
 import olmo_iv
 from olmo_iv import tasks
 from olmo_iv.loading import BUILTIN
-from olmo_iv.train_toy import (
+from olmo_iv.toy.train import (
     SUBTASKS,
     ToyConfig,
     gist_logits,
@@ -169,7 +169,7 @@ def test_gist_plumbing_equals_plain_forward(toy):
 def test_cli_rejects_bad_which():
     from typer.testing import CliRunner
 
-    from cli.main import _typer_app
+    from olmo_iv.cli.main import _typer_app
 
     res = CliRunner().invoke(_typer_app, ["train-toy", "--which", "big"])
     assert res.exit_code != 0 and isinstance(res.exception, olmo_iv.OlmoIVError)

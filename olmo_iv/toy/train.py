@@ -28,7 +28,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write, versions, write_json
 from olmo_iv.loading import load, save
 from olmo_iv.model import KVCache, ModelConfig, OLMo2, init_weights
+from olmo_iv.progress import ProgressFn
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -349,8 +350,8 @@ def _load_ckpt(path: Path, cfg: ToyConfig, model: OLMo2, opt: torch.optim.Optimi
     return int(meta["step"])
 
 
-def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None = None, progress: bool = True,
-          max_steps: int | None = None) -> OLMo2:  # fmt: skip
+def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None = None,
+          progress: ProgressFn | None = None, max_steps: int | None = None) -> OLMo2:
     """Train one toy model; returns it in eval mode with `model.tokenizer` set.
 
     ckpt_dir: where resumable checkpoints go (a finished run removes them); a checkpoint found there resumes.
@@ -371,24 +372,23 @@ def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None 
         start = _load_ckpt(ckpt_dir, cfg, model, opt)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"))  # fmt: skip
-    name = "toy-base" if cfg.control else "toy"
-    with Progress(*cols, disable=not progress) as bar:
-        job = bar.add_task(f"train {name}", total=cfg.steps, completed=start, loss=float("nan"))
-        for step in range(start, stop):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            loss = loss_of(model, batch(cfg, enc, data, step, picks))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            bar.update(job, advance=1, loss=loss.item())
-            if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
-                _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
+    label = f"train {'toy-base' if cfg.control else 'toy'}"
+    if progress is not None:
+        progress(label, start, cfg.steps)
+    for step in range(start, stop):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = loss_of(model, batch(cfg, enc, data, step, picks))
+        if not torch.isfinite(loss):
+            raise OlmoIVError(f"the training loss is {loss.item()} at step {step}: lower lr= or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(label, 1, cfg.steps)
+        if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
+            _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
     if ckpt_dir is not None and stop < cfg.steps:
         _save_ckpt(ckpt_dir, cfg, model, opt, stop)
     return model.eval().requires_grad_(False)
@@ -506,7 +506,8 @@ def size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()) / 1e6
 
 
-def build(cfg: ToyConfig, out: str | Path, *, progress: bool = True, patch_layers: list[int] | None = None) -> dict:
+def build(cfg: ToyConfig, out: str | Path, *, progress: ProgressFn | None = None,
+          patch_layers: list[int] | None = None) -> dict:
     """Train, save (atomically, in cfg.save_dtype), reload the saved files, evaluate them, write training.json."""
     out = Path(out)
     t0 = time.perf_counter()
@@ -535,13 +536,6 @@ def build(cfg: ToyConfig, out: str | Path, *, progress: bool = True, patch_layer
         ckpt.rmdir()
     return report
 
-
-def config_from(overrides: dict) -> ToyConfig:
-    known = {f.name for f in fields(ToyConfig)}
-    bad = set(overrides) - known
-    if bad:
-        raise OlmoIVError(f"unknown toy settings {sorted(bad)}; known: {sorted(known)}")
-    return ToyConfig(**overrides)
 
 
 __all__ = ["ToyConfig", "ToyData", "ToyTask", "load_data", "train", "build", "evaluate", "greedy_answers",

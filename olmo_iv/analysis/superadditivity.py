@@ -21,7 +21,6 @@ Input: a run folder with `patching.csv` (long format, see `COLUMNS`) and `summar
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import warnings
@@ -426,19 +425,10 @@ def sound_test(group: Group, cfg: StatsConfig | None = None) -> list[SoundRow]:
 # Files
 
 
-def rows_to_csv(rows: list, path: Path, row_type: type) -> None:
-    from olmo_iv.io import atomic_write
-
+def csv_rows(rows: list, row_type: type) -> tuple[list[str], list[list]]:
+    """(header, rows) of a list of result dataclasses, floats in their exact shortest form."""
     names = [f.name for f in fields(row_type)]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=names)
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in asdict(row).items()})
-
-    atomic_write(path, write)
+    return names, [[repr(float(v)) if isinstance(v, float) else v for v in asdict(row).values()] for row in rows]
 
 
 def _tex(text: str) -> str:
@@ -494,35 +484,3 @@ class StatsResult:
     sound: list[SoundRow]
     reference: list[ReferenceRow]
     files: list[Path] = field(default_factory=list)
-
-
-def run_stats(run_dir: str | Path, cfg: StatsConfig | None = None, *, tasks: list[str] | None = None,
-              target_pos: str | int | None = None, reference_select: str = "rr_diff", write: bool = True) -> StatsResult:  # fmt: skip
-    """Both tests on every selected group of a run; with `write`, CSV + LaTeX + stats.json go into the run folder
-    (sound files carry the metric in their name, so runs with both metrics keep both)."""
-    from olmo_iv.io import versions, write_json, write_text
-
-    cfg = cfg or StatsConfig()
-    if cfg.metric not in METRICS or reference_select not in METRICS:
-        raise OlmoIVError(f"unknown metric {cfg.metric!r}/{reference_select!r}: use one of {', '.join(METRICS)}")
-    run_dir = Path(run_dir)
-    all_groups, summary = read_run(run_dir)
-    groups = select_groups(all_groups, tasks, target_pos)
-    sound = [row for g in groups for row in sound_test(g, cfg)]
-    reference = [row for g in groups for row in reference_test(g, top=cfg.top, select_metric=reference_select)]
-    result = StatsResult(sound, reference)
-    if write:
-        stem = f"stats_sound_{cfg.metric}"
-        rows_to_csv(sound, run_dir / f"{stem}.csv", SoundRow)
-        write_text(run_dir / f"{stem}.tex", sound_latex(sound, cfg))
-        rows_to_csv(reference, run_dir / "stats_reference.csv", ReferenceRow)
-        write_text(run_dir / "stats_reference.tex", reference_latex(reference))
-        result.files = [run_dir / n for n in (f"{stem}.csv", f"{stem}.tex", "stats_reference.csv", "stats_reference.tex")]
-        digest = hashlib.sha256((run_dir / "patching.csv").read_bytes()).hexdigest()
-        meta = {"settings": {**asdict(cfg), "tasks": tasks, "target_pos": target_pos,
-                             "reference_select": reference_select, "reference_test_metric": "logit_diff"},
-                "versions": versions(), "input": {"patching_csv_sha256": digest, "run_settings": summary.get("settings"),
-                                                  "run_versions": summary.get("versions")},
-                "files": [p.name for p in result.files]}  # fmt: skip
-        result.files.append(write_json(run_dir / f"{stem}.json", meta))
-    return result

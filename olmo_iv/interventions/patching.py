@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from olmo_iv.activations import answer_rank, extract
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.model import OLMo2, rope_cos_sin
+from olmo_iv.progress import ProgressFn
 
 LayerSet = tuple[int, ...]
 
@@ -72,16 +74,27 @@ class PatchResult:
         return self.logit_patched - self.logit_target[:, None]
 
 
+GRID_SIZES = (1, 2, 3)
+"""Layer-set sizes `layer_grid` offers: singles, pairs (with the diagonal), triples."""
+
+
+def check_grid_size(size: int) -> None:
+    """The one check of a grid's set size (the CLI, the run settings and `layer_grid` all rely on it)."""
+    if size not in GRID_SIZES:
+        raise OlmoIVError(f"layer sets of size {size!r} are not offered: use 1, 2 or 3, or pass explicit sets")
+
+
 def layer_grid(n_layers: int, size: int, *, diagonal: bool = True) -> list[LayerSet]:
     """The paper's layer sets, in the authors' order: size 1 -> (l,); size 2 -> all i<j then the diagonal (l, l)
     (136 for 16 layers); size 3 -> all i<j<k (560 for 16 layers)."""
+    check_grid_size(size)
+    if not isinstance(n_layers, int) or n_layers < size:
+        raise OlmoIVError(f"n_layers={n_layers!r}: a grid of {size}-layer sets needs at least {size} layers")
     if size == 1:
         return [(layer,) for layer in range(n_layers)]
     if size == 2:
         return list(itertools.combinations(range(n_layers), 2)) + ([(l, l) for l in range(n_layers)] if diagonal else [])
-    if size == 3:
-        return list(itertools.combinations(range(n_layers), 3))
-    raise OlmoIVError(f"layer sets of size {size} are not offered: use 1, 2 or 3, or pass an explicit list")
+    return list(itertools.combinations(range(n_layers), 3))
 
 
 def canonical(layer_set: Sequence[int], n_layers: int) -> LayerSet:
@@ -92,17 +105,6 @@ def canonical(layer_set: Sequence[int], n_layers: int) -> LayerSet:
         if not isinstance(layer, int) or not 0 <= layer < n_layers:
             raise OlmoIVError(f"layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}")
     return tuple(sorted(set(layer_set)))
-
-
-def answer_rank(logits: Tensor, answers: Tensor, *, consume: bool = False) -> tuple[Tensor, Tensor]:
-    """(answer logit, 1-based rank) per row of `logits` [N, V], by counting the logits above the answer's.
-
-    The count is taken in a float buffer (`gt_` writes 0/1, exact below 2**24 logits) rather than through a bool ->
-    int64 mask, which costs 8 bytes per logit. consume=True lets the buffer be `logits` itself (a temporary).
-    """
-    answer_logit = logits.gather(1, answers[:, None]).float()
-    buf = logits.float() if logits.dtype != torch.float32 else (logits if consume else logits.clone())
-    return answer_logit[:, 0], 1 + buf.gt_(answer_logit).sum(1).long()
 
 
 def _resolve(pos: int, length: int, what: str) -> int:
@@ -133,27 +135,6 @@ def _memory(model: OLMo2) -> int:
     if model.device.type == "cuda":
         return torch.cuda.get_device_properties(model.device).total_memory
     return 8 * 2**30
-
-
-@torch.no_grad()
-def resid_at(model: OLMo2, seqs: Sequence[Tensor], pos: int = -1) -> Tensor:
-    """Every block's output (hook_resid_post) at position `pos` of each sequence: [N, L, d], batched."""
-    L, device = model.config.n_layers, model.device
-    out = torch.empty(len(seqs), L, model.config.d_model, dtype=model.dtype, device=device)
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        by_len[len(s)].append(i)
-    for length, rows in by_len.items():
-        p = _resolve(pos, length, "source_pos")
-        for chunk in _chunks(rows, _row_budget(model, length)):
-            ids = torch.stack([seqs[i] for i in chunk]).to(device)
-            grabbed = [None] * L
-            hooks = {f"blocks.{l}.hook_resid_post": (lambda x, n, l=l, p=p, g=grabbed: g.__setitem__(l, x[:, p]))
-                     for l in range(L)}  # fmt: skip
-            with model.hooks(hooks):
-                model(ids, stop_at_layer=L)
-            out[torch.tensor(chunk, device=device)] = torch.stack(grabbed, 1)
-    return out
 
 
 @torch.no_grad()
@@ -203,14 +184,14 @@ def patch_layers(
     max_rank: int = 1000,
     rr_sentinel: float = 0.0,
     cleans: Sequence[Tensor] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> PatchResult:
     """Patch each sample's source residual (at `source_pos`) into its target run (at `target_pos`) for every
     layer set, and measure the answer's logit and rank at the target's last position.
 
     sources, targets (and cleans): lists of 1-D token-id tensors, one per sample; answers: one token id each;
     layer_sets: tuples of layer indices ((l, l) is the single layer l). `target_pos` may differ per sample.
-    `progress(n)` is called with the number of patched rows finished, for progress bars.
+    `progress("patched rows", advance, total)` is called as (sample, layer set) rows finish.
     """
     L, device = model.config.n_layers, model.device
     n = len(targets)
@@ -238,7 +219,8 @@ def patch_layers(
     # the source run once per distinct source sequence
     distinct: dict[tuple[int, ...], int] = {}
     src_index = [distinct.setdefault(tuple(int(x) for x in s), len(distinct)) for s in sources]
-    src_vecs = resid_at(model, [_as_ids(s, device) for s in distinct], source_pos)[torch.tensor(src_index)]
+    src_vecs = extract(model, [_as_ids(s, device) for s in distinct], "hook_resid_post", positions=source_pos,
+                       batch_size=lambda length: _row_budget(model, length), pad=False)[torch.tensor(src_index)]
 
     logit_t, rank_t = last_logit_rank(model, targets, answers_t)
     logit_p = torch.empty(n, len(sets), dtype=torch.float32, device=device)
@@ -296,7 +278,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
                 if nodes[node]:  # node j's rows in each kept block's output (rows joined in chunk order)
                     next_resid[node] = {k: outputs[k][rows] for k in nodes[node]}
             if progress is not None:
-                progress(m * sum(len(column.get(node, ())) for node in chunk))
+                progress("patched rows", m * sum(len(column.get(node, ())) for node in chunk), len(targets) * len(logit_p[0]))
         resid = next_resid
 
 
@@ -326,29 +308,6 @@ def _staggered(model, starts, keep, cos, sin, logits_at=None):
     if logits_at is None:
         return None, outputs
     return model.unembed(active[:, logits_at : logits_at + 1])[:, 0], outputs
-
-
-def patch_layers_reference(model, sources, targets, answers, layer_sets, *, source_pos=-1, target_pos=0):
-    """The straightforward method, for tests and benchmarks: one source run and one hooked target run per
-    (sample, layer set), batch size 1, full forward, plain forward hooks. Returns (logits [S, K], ranks [S, K])."""
-    L = model.config.n_layers
-    logits = torch.empty(len(targets), len(layer_sets))
-    ranks = torch.empty(len(targets), len(layer_sets), dtype=torch.long)
-    for i, (src, tgt, ans) in enumerate(zip(sources, targets, answers)):
-        for j, layer_set in enumerate(layer_sets):
-            _, cache = model.run_with_cache(src[None], names=[f"blocks.{l}.hook_resid_post" for l in range(L)])
-            p = target_pos if target_pos >= 0 else len(tgt) + target_pos
-
-            def put(x, name, p=p, cache=cache):
-                x = x.clone()
-                x[:, p] = cache[name][:, source_pos]
-                return x
-
-            with model.hooks({f"blocks.{l}.hook_resid_post": put for l in set(layer_set)}):
-                out = model(tgt[None])[:, -1]
-            logit, rank = answer_rank(out, torch.tensor([ans]))
-            logits[i, j], ranks[i, j] = logit[0], rank[0]
-    return logits, ranks
 
 
 def work_per_sample(layer_sets: Sequence[Sequence[int]], n_layers: int) -> dict[str, int]:

@@ -11,7 +11,6 @@ judged (% of answers a `Judge` accepts as the requested form, right or wrong). T
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -19,12 +18,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.io import atomic_write, versions, write_json
+from olmo_iv.progress import ProgressFn
 
 Mode = Literal["reference", "faithful"]
 MODES: tuple[str, ...] = ("reference", "faithful")
@@ -449,7 +447,7 @@ class EvalSettings:
 
 
 def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None = None,
-                  progress: bool = False) -> tuple[list[SampleScore], TaskScore]:  # fmt: skip
+                  progress: ProgressFn | None = None) -> tuple[list[SampleScore], TaskScore]:
     """Generate greedily on the task's prompts (no BOS, no chat template, as the paper) and score them."""
     from olmo_iv.generate import generate_text
     from olmo_iv.tasks import samples as task_samples
@@ -466,132 +464,3 @@ def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None 
 
 def sample_rows(rows: Sequence[SampleScore]) -> list[dict]:
     return [asdict(r) for r in rows]
-
-
-# ----------------------------------------------------------------------------------------- runs and output
-
-SUMMARY_FIELDS = ("model", "task", "n", "mode", "em", "em_reference", "em_faithful", "option_ia", "judge_ia", "ia",
-                  "ia_source")  # fmt: skip
-
-
-def judge_label(judge: Judge) -> str:
-    """How a judge is recorded in the settings (an HTTP judge by model, endpoint and decision rule)."""
-    if isinstance(judge, HTTPJudge):
-        return f"http:{judge.model}@{judge.base_url}" + (":exact-yes" if judge.exact_yes else "")
-    return judge.name
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "--", str(name).strip("/")) or "model"
-
-
-def checkpoint_fingerprint(name: str) -> str:
-    """Names, sizes and modification times of a checkpoint's files, hashed: a rebuilt model (e.g. a retrained
-    toy) does not reuse the scores of the old one on resume."""
-    import hashlib
-
-    from olmo_iv.loading import resolve
-
-    folder = resolve(name)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-def _write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(fields))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def run_eval(models: Sequence[str], tasks: Sequence[str], settings: EvalSettings, out: str | os.PathLike, *,
-             judge: Judge | None = None, device: str = "cpu", resume: bool = True,
-             progress: bool = True) -> list[dict]:  # fmt: skip
-    """Evaluate every model on every task; write per-sample CSVs, the summary (CSV + JSON) and Figure 12.
-
-    Layout: {out}/{model}/{task}.csv (one row per sample) and {task}.json (scores, settings, device, checkpoint
-    fingerprint; written last, so with `resume` a task whose JSON matches the current run is not run again),
-    then {out}/summary.csv, {out}/summary.json and {out}/figure12.png. Returns the summary rows.
-    """
-    import torch
-
-    import olmo_iv
-    from olmo_iv.tasks import get_task
-
-    if not models:
-        raise OlmoIVError("no model to evaluate")
-    if not tasks:
-        raise OlmoIVError("no task to evaluate")
-    _check_mode(settings.mode)
-    dtype = getattr(torch, settings.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise OlmoIVError(f"unknown dtype {settings.dtype!r}: use float32, bfloat16 or float16")
-    judge = judge if judge is not None else RuleJudge()
-    settings = replace(settings, judge=judge_label(judge))
-    task_names = [get_task(t).name for t in tasks]  # canonical names; fails early on a typo
-    out = Path(out)
-    summary: list[dict] = []
-    for model_name in models:
-        mdir = out / _slug(model_name)
-        model = None
-        fingerprint = checkpoint_fingerprint(model_name)
-        for task in task_names:
-            meta_path = mdir / f"{_slug(task)}.json"
-            record = {"model": str(model_name), "task": task, "settings": asdict(settings), "device": str(device),
-                      "checkpoint": fingerprint}  # fmt: skip
-            if resume and meta_path.exists():
-                old = json.loads(meta_path.read_text())
-                if {k: old.get(k) for k in record} == record:
-                    summary.append(old["score"])
-                    continue
-            if model is None:
-                model = olmo_iv.load(model_name, dtype=dtype, device=device)
-            rows, score = evaluate_task(model, task, settings, judge, progress=progress)
-            _write_csv(mdir / f"{_slug(task)}.csv", sample_rows(rows), [f.name for f in fields(SampleScore)])
-            row = {"model": str(model_name), **asdict(score)}
-            write_json(meta_path, {**record, "score": row, "versions": versions()})
-            summary.append(row)
-        del model
-    _write_csv(out / "summary.csv", summary, SUMMARY_FIELDS)
-    write_json(out / "summary.json", {"settings": asdict(settings), "models": list(map(str, models)),
-                                      "tasks": task_names, "versions": versions(), "scores": summary})  # fmt: skip
-    plot_scores(summary, out / "figure12.png", title=f"Task inference ({settings.mode} post-processing)")
-    return summary
-
-
-def plot_scores(summary: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Figure 12: EM and IA per task (x) in two panels, one bar per model within each task group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    models = list(dict.fromkeys(r["model"] for r in summary))
-    tasks = list(dict.fromkeys(r["task"] for r in summary))
-    by = {(r["model"], r["task"]): r for r in summary}
-    x = np.arange(len(tasks))
-    width = 0.8 / max(len(models), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(5.0, 1.6 * len(tasks) + 2), 6), sharex=True, constrained_layout=True)
-    for ax, key, label in zip(axes, ("em", "ia"), ("exact-match accuracy (%)", "instructional accuracy (%)"),
-                              strict=True):
-        for i, m in enumerate(models):
-            vals = [by.get((m, t), {}).get(key) for t in tasks]
-            vals = [np.nan if v is None else float(v) for v in vals]
-            bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=Path(m).name or m)
-            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(x, [short_name(t) for t in tasks])
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 100
-    if title:
-        axes[0].set_title(title, fontsize=10)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path

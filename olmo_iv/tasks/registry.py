@@ -29,7 +29,7 @@ from typing import Any
 from olmo_iv.errors import OlmoIVError
 
 MODES = ("reference", "faithful")
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 DEFAULT_FILLER = "<|endoftext|>"
 TASKS_ENV = "OLMO_IV_TASKS"
 """Environment variable: task files (JSON, os.pathsep-separated) registered on first use of the registry."""
