@@ -48,11 +48,11 @@ def eval_(
         if not judge_url or not judge_model:
             raise OlmoIVError("--judge http needs --judge-url and --judge-model")
         the_judge = HTTPJudge(judge_url, judge_model, api_key_env=judge_key_env, timeout=judge_timeout,
-                              exact_yes=mode == "reference")  # fmt: skip
+                              exact_yes=mode == "reference")
     else:
         raise OlmoIVError(f"unknown judge {judge!r}: use rules or http")
     settings = EvalSettings(mode=mode, samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            dtype=dtype)  # fmt: skip
+                            dtype=dtype)
     console = Console()
     with progress_bar(console, transient=True) as bar:
         rows = run_eval(model, task or list(CONTRASTIVE_TASKS), settings, out, judge=the_judge, device=device,
@@ -62,6 +62,6 @@ def eval_(
         table.add_column(col, justify="left" if col in ("model", "task") else "right")
     for r in rows:
         table.add_row(Path(r["model"]).name, r["task"].rsplit("/", 1)[-1], str(r["n"]), _pct(r["em_reference"]),
-                      _pct(r["em_faithful"]), _pct(r["option_ia"]), _pct(r["judge_ia"]), _pct(r["ia"]))  # fmt: skip
+                      _pct(r["em_faithful"]), _pct(r["option_ia"]), _pct(r["judge_ia"]), _pct(r["ia"]))
     console.print(table)
     console.print(f"[green]wrote[/] {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'figure12.png'}, {out / 'figure12.pdf'}")

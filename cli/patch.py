@@ -35,7 +35,7 @@ def patch(
     settings = PatchSettings(models=model, tasks=task or list(DEFAULT_TASKS), samples=samples, sample_seed=sample_seed,
                              layers=layers, diagonal=diagonal, mode=mode,
                              sets=[x.strip() for x in sets.split(",") if x.strip()] if sets else [], target_pos=target_pos or [],
-                             max_rank=max_rank, dtype=dtype, device=device)  # fmt: skip
+                             max_rank=max_rank, dtype=dtype, device=device)
     with progress_bar(console) as bar:
         summary = run_patching(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     for entry in summary["top10"]:

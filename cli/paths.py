@@ -38,11 +38,11 @@ def paths(
     settings = PathRunSettings(model=model, task=task, samples=samples, prompt_mode=prompt_mode,
                                trace=PathConfig(mode=mode, threshold=threshold, sources=sources, chunk=chunk,
                                                 readout_chunk=readout_chunk, max_paths=max_paths),
-                               head_tokens=head_token or [], device=device)  # fmt: skip
+                               head_tokens=head_token or [], device=device)
     with progress_bar(console, unit="paths", transient=True) as bar:
         summary = run_paths(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     table = Table(title=f"{model} · {task} · {mode}: mean kept paths (rank <= {threshold}) per source token, "
-                        f"{summary['n_samples']} samples")  # fmt: skip
+                        f"{summary['n_samples']} samples")
     for name in ("position", "mean kept", "mean total"):
         table.add_column(name, justify="right")
     for t, (k, n) in enumerate(zip(summary["mean_kept_paths"], summary["mean_total_paths"], strict=True)):

@@ -44,7 +44,7 @@ def probe_command(
     probes, ldas, names, files = result.probes, result.ldas, result.names, result.files
     first = next(iter(probes.values()))[0]
     table = Table(title="Probe accuracy [95% CI]",
-                  caption=f"chance {first.chance:.2f}, n_test {first.n_test}, * not converged")  # fmt: skip
+                  caption=f"chance {first.chance:.2f}, n_test {first.n_test}, * not converged")
     table.add_column("layer", justify="right")
     for m in model:
         table.add_column(names[m], justify="right")
@@ -57,7 +57,7 @@ def probe_command(
     console.print(table)
     for m, res in ldas.items():
         console.print(f"LDA layer {layer}, {names[m]}: held-out accuracy {res.test_accuracy:.3f}, explained variance "
-                      + ", ".join(f"{v:.2f}" for v in res.explained_variance_ratio[:3]))  # fmt: skip
+                      + ", ".join(f"{v:.2f}" for v in res.explained_variance_ratio[:3]))
     console.print("wrote " + ", ".join(str(p) for p in files))
 
 

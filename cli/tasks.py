@@ -70,7 +70,7 @@ def _show(console: Console, tokenizer, enc: T.Encoded) -> None:
     marks[enc.t_inst] = "bold reverse green"
     console.print(f"[bold]{'tokens':>7}[/] {_strip(tokenizer, enc.clean_ids, marks)}", soft_wrap=True)
     console.print(f"[bold]{'target':>7}[/] {_strip(tokenizer, enc.target_ids, {enc.target_pos: 'bold reverse cyan'})}",
-                  soft_wrap=True)  # fmt: skip
+                  soft_wrap=True)
     more = (
         f" [yellow](label spans {enc.answer_n_tokens} tokens; the metric uses the first)[/]"
         if enc.answer_n_tokens > 1
@@ -106,7 +106,7 @@ def tasks_command(
         for tname in T.list_tasks():
             t = T.get_task(tname)
             rows.append({"task": t.name, "kind": t.kind, "samples": T.n_samples(tname), "field": t.field,
-                         "instruction": t.instruction, "options": list(t.options)})  # fmt: skip
+                         "instruction": t.instruction, "options": list(t.options)})
         if as_json:
             _print_json(rows)
             return
@@ -140,4 +140,4 @@ def tasks_command(
     console.rule()
     console.print(f"{rep['n_multi_token']} of {rep['n_samples']} labels span several tokens"
                   + (f" ({escape(', '.join(rep['multi_token'][:8]))}{', …' if len(rep['multi_token']) > 8 else ''})"
-                     if rep["multi_token"] else "") + "; the metric uses the first token, as the paper does.")  # fmt: skip
+                     if rep["multi_token"] else "") + "; the metric uses the first token, as the paper does.")

@@ -18,7 +18,7 @@ _DEFAULT = ToyConfig()
 @app.command("train-toy")
 def train_toy_command(
     out: Path = typer.Option(Path("runs/toy-models"), help="Folder that receives toy/ and toy-base/. "
-                             "`--out olmo_iv/models` replaces the models shipped with the package."),  # fmt: skip
+                             "`--out olmo_iv/models` replaces the models shipped with the package."),
     which: str = typer.Option("both", help="toy, toy-base or both."),
     seed: int = typer.Option(_DEFAULT.seed, help="Seed of the split, the weights and the data order."),
     steps: int = typer.Option(_DEFAULT.steps, help="Optimiser steps."),

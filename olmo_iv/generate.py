@@ -72,7 +72,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Te
 
 @torch.inference_mode()
 def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens: int, stop: Tensor | None,
-                    use_cache: bool) -> list[list[int]]:  # fmt: skip
+                    use_cache: bool) -> list[list[int]]:
     device = model.device
     ids, mask = left_pad(rows)
     ids, mask = ids.to(device), mask.to(device)
@@ -148,7 +148,7 @@ def generate(
     if stop_at_newline:
         if tok is None:
             raise OlmoIVError("stop_at_newline needs a tokenizer (the model has none): pass tokenizer= "
-                              "or stop_at_newline=False")  # fmt: skip
+                              "or stop_at_newline=False")
         stop |= newline_mask(tok, V)
     for s in stop_ids:
         if not 0 <= int(s) < V:
@@ -170,7 +170,7 @@ def generate(
 
 
 def generate_text(model: OLMo2, prompts: list[list[int]] | list[str], *, tokenizer=None,
-                  skip_special_tokens: bool = False, **kwargs) -> list[str]:  # fmt: skip
+                  skip_special_tokens: bool = False, **kwargs) -> list[str]:
     """`generate`, decoded: the continuation of each prompt as a string (stop token included, unless it is a
     special token and skip_special_tokens is set, as vLLM drops a generated EOS from its text)."""
     tok = tokenizer if tokenizer is not None else model.tokenizer

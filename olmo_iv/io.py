@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,40 +52,11 @@ def versions() -> dict[str, str]:
 
     out = {"olmo_iv": olmo_iv.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "numpy": numpy.__version__, "platform": platform.platform(),
-           "torch_threads": str(torch.get_num_threads())}  # fmt: skip
+           "torch_threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name()
     return out
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a model, task or position name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
-
-def prepare_run_dir(out: Path, settings: dict[str, Any], resume: bool, kind: str) -> None:
-    """Create a run folder and record its settings, or check that the run already in it has the same settings.
-
-    A folder holding a run with other settings is refused (naming what differs), as is one holding this very run
-    without `resume`, or any non-empty folder that holds no run.
-    """
-    out = Path(out)
-    saved = out / "settings.json"
-    new = json.loads(json.dumps(settings, default=str))
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        if old != new:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                             if old.get(k) != new.get(k))  # fmt: skip
-            raise OlmoIVError(f"{out} holds a {kind} run with other settings ({diff}); choose another --out, or "
-                              "repeat the old settings to resume it")  # fmt: skip
-        if not resume:
-            raise OlmoIVError(f"{out} already holds this run; pass --resume to finish it, or choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise OlmoIVError(f"{out} is not empty and holds no olmo-iv {kind} run: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, new)
 
 
 def auto_cpu_threads(threads: int | None = None) -> int:
@@ -100,7 +70,7 @@ def auto_cpu_threads(threads: int | None = None) -> int:
 
     if threads is not None:
         if threads < 1:
-            raise OlmoIVError(f"--threads {threads}: give a positive number of threads")
+            raise OlmoIVError(f"threads={threads}: give a positive number of threads")
         torch.set_num_threads(threads)
         return threads
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:

@@ -77,7 +77,7 @@ def enumerate_paths(graph: AttnGraph, source: int) -> list[tuple[int, ...]]:
 
 
 def path_value_direct(model: OLMo2, obs: Observation, sur: Surrogates, graph: AttnGraph, path: Sequence[int],
-                      mode: str = "reference") -> Tensor:  # fmt: skip
+                      mode: str = "reference") -> Tensor:
     """The value of one path: the per-layer maps applied one after another, head by head, to X_emb[s]."""
     cfg = model.config
     H, dh, rep = cfg.n_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
@@ -120,4 +120,4 @@ def trace_direct(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: Pa
     L = graph.shape[0]
     return PathResult(torch.tensor(toks, dtype=torch.long).reshape(-1, L + 1), torch.tensor(logits),
                       torch.tensor(ranks, dtype=torch.long), total, sources, answer, graph, cfg,
-                      *model_rank(obs.logits, answer))  # fmt: skip
+                      *model_rank(obs.logits, answer))

@@ -21,7 +21,7 @@ def make_hf_checkpoint(folder: Path, seed: int = 0, max_shard_size: str | None =
 
     kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)  # fmt: skip
+                  tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     hf = Olmo2ForCausalLM(Olmo2Config(**kwargs)).eval()
@@ -70,6 +70,6 @@ def make_olmo2_vocab_checkpoint(tmp_path_factory, n_layers: int) -> str:
 
     folder, _ = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_size=100352, hidden_size=32,
                                    intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=2,
-                                   num_key_value_heads=2)  # fmt: skip
+                                   num_key_value_heads=2)
     shutil.copy(cached_tokenizer_json(tmp_path_factory.getbasetemp() / "tok"), folder / "tokenizer.json")
     return str(folder)

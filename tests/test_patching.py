@@ -12,9 +12,9 @@ from olmo_iv.interventions.patching import (
     answer_rank,
     layer_grid,
     patch_layers,
-    patch_layers_reference,
     work_per_sample,
 )
+from olmo_iv.reference import patch_layers_reference
 from tests.conftest import make_hf_checkpoint
 
 

@@ -118,7 +118,7 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     """One forward with hooks: everything the surrogates and the attention graph need."""
     if model.dtype != torch.float32:
         raise OlmoIVError(f"path tracing needs an fp32 model (the surrogates are exact only in fp32), got "
-                          f"{model.dtype}: load it with dtype=torch.float32")  # fmt: skip
+                          f"{model.dtype}: load it with dtype=torch.float32")
     ids = torch.as_tensor(ids).reshape(-1).to(model.device)
     if ids.numel() == 0:
         raise OlmoIVError("path tracing needs at least one token")
@@ -136,7 +136,7 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     hooks = [("hook_embed", keep), (f"blocks.{L - 1}.hook_resid_post", keep)]
     for layer in range(L):
         hooks += [(f"blocks.{layer}.attn.hook_out", keep), (f"blocks.{layer}.mlp.hook_out", keep),
-                  (f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.attn.hook_pattern", pattern)]  # fmt: skip
+                  (f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.attn.hook_pattern", pattern)]
     with torch.no_grad(), model.hooks(hooks):
         logits = model(ids[None], logits_at=ids.numel() - 1)[0]
 
@@ -146,7 +146,7 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     pats = [store[f"blocks.{layer}.attn.hook_pattern"] for layer in range(L)]
     return Observation(ids, store["hook_embed"], layers("attn.hook_out"), layers("mlp.hook_out"),  # type: ignore[arg-type]
                        layers("mlp.hook_pre"), store[f"blocks.{L - 1}.hook_resid_post"],  # type: ignore[arg-type]
-                       torch.stack([p[0] for p in pats]), torch.stack([p[1] for p in pats]), logits)  # fmt: skip
+                       torch.stack([p[0] for p in pats]), torch.stack([p[1] for p in pats]), logits)
 
 
 @dataclass
@@ -263,7 +263,7 @@ def edge_weights(graph: AttnGraph, layer: int, j: Tensor, q: Tensor, mode: str) 
 
 @torch.no_grad()  # the decorator (unlike a `with` inside) restores the caller's grad mode at every yield
 def iter_path_values(model: OLMo2, obs: Observation, sur: Surrogates, graph: AttnGraph, sources: Sequence[int],
-                     mode: str = "reference", chunk: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+                     mode: str = "reference", chunk: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (tokens [n, L+1], values [n, d]) for every complete path from `sources`, in the reference DFS order.
 
     tokens[i] = (s, t_0, ..., t_{L-1} = T-1). The prefix trie is expanded depth-first: a stack entry is a chunk of
@@ -296,7 +296,7 @@ def iter_path_values(model: OLMo2, obs: Observation, sur: Surrogates, graph: Att
         tokens, values, layer, parent, q = stack.pop()
         skip, coef = edge_weights(graph, layer, tokens[parent, -1], q, mode)
         v = path_step(values[parent], q, skip, coef, sur.s_att[layer], sur.s_mlp[layer], sur.act_g[layer],
-                      *weights[layer])  # fmt: skip
+                      *weights[layer])
         tokens = torch.cat([tokens[parent], q[:, None]], 1)
         if layer == L - 1:
             yield tokens, v
@@ -379,7 +379,7 @@ def prepare(model: OLMo2, ids, answer: int, cfg: PathConfig):
     if sum(total) > cfg.max_paths:
         raise OlmoIVError(f"{sum(total):,} paths to trace from sources {cfg.sources!r} (max_paths={cfg.max_paths:,}): "
                           "trace fewer source tokens (e.g. sources='7:'; early tokens such as an attention sink "
-                          "have the most paths) or raise max_paths")  # fmt: skip
+                          "have the most paths) or raise max_paths")
     return obs, sur, graph, sources, total
 
 
@@ -407,7 +407,7 @@ def trace(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: PathConfi
     cat = (lambda i, empty: torch.cat([k[i] for k in kept]) if kept else empty)  # noqa: E731
     return PathResult(cat(0, torch.zeros(0, L + 1, dtype=torch.long)), cat(1, torch.zeros(0)),
                       cat(2, torch.zeros(0, dtype=torch.long)), total, sources, answer, graph, cfg,
-                      *model_rank(obs.logits, answer))  # fmt: skip
+                      *model_rank(obs.logits, answer))
 
 
 # ----------------------------------------------------------------------------------------------------------

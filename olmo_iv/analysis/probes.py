@@ -130,10 +130,10 @@ def split(labels: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]
         raise OlmoIVError(f"the probe needs at least two tasks; got {list(classes)}")
     try:
         return train_test_split(np.arange(len(labels)), test_size=cfg.test_size, stratify=labels,
-                                random_state=cfg.seed)  # fmt: skip
+                                random_state=cfg.seed)
     except ValueError as err:
         raise OlmoIVError(f"cannot split {len(labels)} vectors ({dict(zip(classes, counts, strict=True))}) with test_size="
-                          f"{cfg.test_size}: {err}") from err  # fmt: skip
+                          f"{cfg.test_size}: {err}") from err
 
 
 def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

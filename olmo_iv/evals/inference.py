@@ -126,7 +126,7 @@ JUDGE_KIND = {
     "adj_comp": "comparative", "adj_ant": "adjective", "anim_color": "colour", "can_fly": "yes_no",
     "m_color": "colour", "m_edible": "yes_no", "basic_ans": "integer",
     "implicatures": "y_n", "metaphor_boolean": "y_n", "snarks": "a_b", "object_counting": "integer",
-}  # fmt: skip
+}
 """What form each task's instruction asks for; tasks not listed are judged by their options, if they have any."""
 
 IRREGULAR_COMPARATIVES = frozenset("better worse more less fewer lesser farther further elder".split())
@@ -152,7 +152,7 @@ COLOURS = frozenset(
     multicolored multicoloured""".split()
 )
 COLOUR_MODIFIERS = ("light", "dark", "pale", "bright", "deep", "dull", "and", "or", "ish", "dish", "with", "spotted",
-                    "striped")  # fmt: skip
+                    "striped")
 # A colour, possibly modified or combined, with or without the spaces the reference removes:
 # "brown", "light brown", "lightbrown", "black and white", "blackandwhite", "reddish".
 _COLOUR_RE = re.compile("(?:" + "|".join(sorted(COLOURS | set(COLOUR_MODIFIERS), key=len, reverse=True)) + ")+")
@@ -231,7 +231,7 @@ class RuleJudge:
         options = task_options(task)
         if not options:
             raise OlmoIVError(f"the rule judge has no rule for task {task!r} and the task lists no options: "
-                              "use an HTTP judge (--judge http) or give the task options")  # fmt: skip
+                              "use an HTTP judge (HTTPJudge) or give the task options")
         return answer.strip() in options
 
 
@@ -248,7 +248,7 @@ JUDGE_QUESTIONS = {
     "a_b": "Is the answer the letter A or the letter B?",
     "integer": "Is the answer an integer greater than or equal to 0?",
     "options": "Is the answer one of the following: {options}?",
-}  # fmt: skip
+}
 JUDGE_TEMPLATE = (
     "You check whether a language model followed the format an instruction asks for. Do not judge whether the "
     "answer is correct, only whether it has the requested form.\n\n"
@@ -300,7 +300,7 @@ class HTTPJudge:
         if not self.base_url.startswith(("http://", "https://")):
             raise OlmoIVError(f"judge URL {self.base_url!r} must start with http:// or https://")
         if not self.model:
-            raise OlmoIVError("the HTTP judge needs a model name (--judge-model)")
+            raise OlmoIVError("the HTTP judge needs a model name (judge model=)")
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise OlmoIVError(f"environment variable {self.api_key_env} (the judge's API key) is not set")
 
@@ -331,14 +331,14 @@ class HTTPJudge:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # socket.timeout is TimeoutError
                 if last:
                     reason = getattr(err, "reason", err)
-                    raise OlmoIVError(f"could not reach the judge endpoint {url} ({reason}); check --judge-url "
-                                      f"(timeout {self.timeout:g} s)") from err  # fmt: skip
+                    raise OlmoIVError(f"could not reach the judge endpoint {url} ({reason}); check the judge's base_url= "
+                                      f"(timeout {self.timeout:g} s)") from err
             time.sleep(2**attempt)
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
             raise OlmoIVError(f"judge endpoint {url} did not return an OpenAI chat completion "
-                              f"(choices[0].message.content): {raw[:300]!r}") from err  # fmt: skip
+                              f"(choices[0].message.content): {raw[:300]!r}") from err
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -387,7 +387,7 @@ def _pct(flags: Sequence[bool]) -> float:
 
 
 def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode: Mode = "reference",
-               judge: Judge | None = None) -> tuple[list[SampleScore], TaskScore]:  # fmt: skip
+               judge: Judge | None = None) -> tuple[list[SampleScore], TaskScore]:
     """Score generations against samples (objects with .clean, .answer, .instruction, optional .query).
 
     reference mode: option IA with the reference's options ([] for the adjective tasks gives 0); IA from the
@@ -415,14 +415,14 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
             em_faithful=a_fai == gold_label(s.answer, task, "faithful"),
             in_options=(answer in options) if use_options else None,
             judge=judge.judge(task, s.instruction, answer, query=query) if use_judge else None,
-        ))  # fmt: skip
+        ))
     em_ref, em_fai = _pct([r.em_reference for r in rows]), _pct([r.em_faithful for r in rows])
     option_ia = _pct([bool(r.in_options) for r in rows]) if use_options else None
     judge_ia = _pct([bool(r.judge) for r in rows]) if use_judge else None
     ia, source = (judge_ia, f"judge:{judge.name}") if use_judge else (option_ia, "options")
     score = TaskScore(task=task, n=len(rows), mode=mode, em=em_ref if mode == "reference" else em_fai,
                       em_reference=em_ref, em_faithful=em_fai, option_ia=option_ia, judge_ia=judge_ia, ia=ia,
-                      ia_source=source)  # fmt: skip
+                      ia_source=source)
     return rows, score
 
 
@@ -458,7 +458,7 @@ def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None 
     eos = model.config.eos_token_id
     stop_ids = (eos,) if settings.stop_at_eos and eos is not None else ()
     gens = generate_text(model, [s.clean for s in data], max_new_tokens=settings.max_new_tokens, stop_ids=stop_ids,
-                         batch_size=settings.batch_size, skip_special_tokens=True, progress=progress)  # fmt: skip
+                         batch_size=settings.batch_size, skip_special_tokens=True, progress=progress)
     return score_task(task, data, gens, mode=settings.mode, judge=judge)  # type: ignore[arg-type]
 
 

@@ -16,6 +16,7 @@ Targets are grouped by length, so batched rows need no padding; the source run i
 from __future__ import annotations
 
 import itertools
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,21 @@ from olmo_iv.model import OLMo2, rope_cos_sin
 from olmo_iv.progress import ProgressFn
 
 LayerSet = tuple[int, ...]
+
+_LAYERS = re.compile(r"\d+(-\d+)*")
+
+
+def format_layers(layers: LayerSet) -> str:
+    """(3, 7) -> '3-7': sorted distinct layers joined by '-' ((5, 5), the diagonal, is the single layer '5')."""
+    return "-".join(str(layer) for layer in sorted(set(layers)))
+
+
+def parse_layers(text: str) -> LayerSet:
+    """'5' -> (5,), '3-7' -> (3, 7), '2-5-9' -> (2, 5, 9); anything else is an error."""
+    text = str(text).strip()
+    if not _LAYERS.fullmatch(text):
+        raise OlmoIVError(f"layer set {text!r}: write layers joined by '-', e.g. 3 or 0-5 or 2-5-9")
+    return tuple(int(x) for x in text.split("-"))
 
 
 @dataclass
@@ -197,7 +213,7 @@ def patch_layers(
     n = len(targets)
     if not (len(sources) == len(answers) == n) or (cleans is not None and len(cleans) != n):
         raise OlmoIVError(f"got {len(sources)} sources, {n} targets, {len(answers)} answers"
-                          + (f", {len(cleans)} cleans" if cleans is not None else "") + ": give one of each per sample")  # fmt: skip
+                          + (f", {len(cleans)} cleans" if cleans is not None else "") + ": give one of each per sample")
     if n == 0:
         raise OlmoIVError("no samples to patch")
     if not layer_sets:
@@ -235,7 +251,7 @@ def patch_layers(
         per_sample = cached_sets * L * length * model.config.d_model * (torch.finfo(model.dtype).bits // 8)
         for chunk in _chunks(samples, max(1, _memory(model) // 4 // per_sample)):
             _patch_group(model, targets, chunk, positions, src_vecs, answers_t, tree, column, logit_p, rank_p,
-                         progress)  # fmt: skip
+                         progress)
 
     result = PatchResult(list(sets), logit_t.cpu(), rank_t.cpu(), logit_p.cpu(), rank_p.cpu(), max_rank, rr_sentinel)
     if cleans is not None:
@@ -315,6 +331,6 @@ def work_per_sample(layer_sets: Sequence[Sequence[int]], n_layers: int) -> dict[
     sets = [canonical(s, n_layers) for s in layer_sets]
     shared = sum(n_layers - 1 - node[-1] for lvl in _tree(sets).values() for node in lvl)
     return {"shared": shared + n_layers, "naive": len(set(sets)) * n_layers + n_layers,
-            "ratio": round((len(set(sets)) * n_layers + n_layers) / (shared + n_layers), 3)}  # fmt: skip
+            "ratio": round((len(set(sets)) * n_layers + n_layers) / (shared + n_layers), 3)}
 
 

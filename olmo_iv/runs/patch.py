@@ -19,12 +19,12 @@ import torch
 
 from olmo_iv import tasks as task_registry
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.interventions.patching import check_grid_size, layer_grid, patch_layers
+from olmo_iv.interventions.patching import check_grid_size, format_layers, layer_grid, parse_layers, patch_layers
 from olmo_iv.loading import load
 from olmo_iv.progress import ProgressFn
 from olmo_iv.runs import figures
 from olmo_iv.runs.store import RunStore, slug
-from olmo_iv.runs.tables import COLUMNS, fmt_float, format_layers, parse_layers
+from olmo_iv.runs.tables import COLUMNS, fmt_float
 
 PART_SIZE = 25
 DEFAULT_TASKS = ["adjectives/adj_comp", "adjectives/adj_ant", "animals/anim_color", "animals/can_fly"]

@@ -149,7 +149,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -305,7 +305,7 @@ def build_model(cfg: ToyConfig, tok) -> OLMo2:
     mcfg = ModelConfig(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                        n_kv_heads=cfg.n_heads, d_mlp=cfg.d_mlp, rope_theta=10000.0, rms_norm_eps=1e-6,
                        max_position_embeddings=256, eos_token_id=tok.token_to_id(EOT),
-                       pad_token_id=tok.token_to_id(PAD))  # fmt: skip
+                       pad_token_id=tok.token_to_id(PAD))
     model = init_weights(OLMo2(mcfg), seed=cfg.seed)
     model.tokenizer = tok
     return model
@@ -424,7 +424,7 @@ def evaluate(model: OLMo2, data: ToyData) -> dict:
         own = [n for n, t in data.tasks.items() if t.field == fld]
         t0 = data.tasks[own[0]]
         answers = {n: greedy_answers(model, [t0.prompt(data.tasks[n].instruction, q) for q, _ in t0.rows])
-                   for n in data.tasks}  # fmt: skip
+                   for n in data.tasks}
         rows = list(zip(*answers.values()))
         same4[fld] = sum(len(set(r)) == 1 for r in rows) / len(rows)
         same2[fld] = sum(a == b for a, b in zip(answers[own[0]], answers[own[1]])) / len(rows)
@@ -470,7 +470,7 @@ def patching_check(model: OLMo2, data: ToyData, layers: list[int] | None = None,
                         "logit_diff": (p.gather(1, ans[:, None])[:, 0] - z0).mean().item(),
                         "top1": (r1 == 1).float().mean().item(), "top1_unpatched": (r0 == 1).float().mean().item(),
                         "partner_improved": (r2 < r0).float().mean().item(),
-                        "partner_top1": (r2 == 1).float().mean().item()}  # fmt: skip
+                        "partner_top1": (r2 == 1).float().mean().item()}
         res[name] = out
     return res
 
@@ -519,7 +519,7 @@ def build(cfg: ToyConfig, out: str | Path, *, progress: ProgressFn | None = None
     model = load(out)  # what ships is what is measured
     report = {"model": "toy-base" if cfg.control else "toy", "config": asdict(cfg),
               "train_seconds": round(seconds, 1), "params": model.param_count(),
-              "heldout_instructions": {n: t.heldout_instructions for n, t in data.tasks.items()}}  # fmt: skip
+              "heldout_instructions": {n: t.heldout_instructions for n, t in data.tasks.items()}}
     metrics = evaluate(model, data)
     metrics.pop("answers_table1")
     report["metrics"] = metrics
@@ -539,4 +539,4 @@ def build(cfg: ToyConfig, out: str | Path, *, progress: ProgressFn | None = None
 
 
 __all__ = ["ToyConfig", "ToyData", "ToyTask", "load_data", "train", "build", "evaluate", "greedy_answers",
-           "patching_check", "train_tokenizer", "SUBTASKS"]  # fmt: skip
+           "patching_check", "train_tokenizer", "SUBTASKS"]
