@@ -137,9 +137,8 @@ def test_lda_is_fitted_on_the_training_split_only():
 
 def _invoke_probe(args: list[str]):
     import typer
-    from typer.testing import CliRunner
-
     from olmo_iv.cli.probe import probe_command
+    from typer.testing import CliRunner
 
     app = typer.Typer()
     app.callback()(lambda: None)  # a group: Typer would otherwise collapse a one-command app

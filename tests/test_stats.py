@@ -306,9 +306,8 @@ def test_read_run_errors(tmp_path):
 
 def test_stats_command_writes_tables_and_metadata(tmp_path):
     import typer
-    from typer.testing import CliRunner
-
     from olmo_iv.cli.stats import stats_command
+    from typer.testing import CliRunner
 
     app = typer.Typer()  # a group (the callback keeps Typer from collapsing a one-command app)
     app.callback()(lambda: None)
