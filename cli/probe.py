@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import app, bar_callback, progress_bar
-from rich.console import Console
+from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console, out_option, progress_bar
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -23,11 +23,11 @@ def probe_command(
     c: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic regression."),
     max_iter: int = typer.Option(1000, help="lbfgs iterations (the authors: 100)."),
     batch_size: int = typer.Option(64, help="Instructions per forward pass."),
-    out: Path = typer.Option(Path("runs/probe"), "--out", "-o", help="Output folder."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    out: Path = out_option("runs/probe"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     save_vectors: bool = typer.Option(False, help="Also write vectors_<model>.npz ([N, layers, d] float32)."),
-    overwrite: bool = typer.Option(False, help="Discard the run in --out and compute it again (a run with the same settings always continues where it stopped)."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Probe which task a rephrased instruction belongs to from its instruction vector, at every layer, and draw
     the LDA of one layer. Writes probe.csv, probe.png, lda.csv, lda.png and probe.json (settings, versions)."""
@@ -38,8 +38,8 @@ def probe_command(
                                 dtype=dtype, save_vectors=save_vectors,
                                 probe=ProbeConfig(seed=seed, test_size=test_size, standardize=standardize, C=c,
                                                   max_iter=max_iter))
-    console = Console()
-    with progress_bar(console, transient=True) as bar:
+    con = console()
+    with progress_bar(con) as bar:
         result = run_probe(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     probes, ldas, names, files = result.probes, result.ldas, result.names, result.files
     first = next(iter(probes.values()))[0]
@@ -54,10 +54,10 @@ def probe_command(
             r = probes[m][i] if i < len(probes[m]) else None
             cells.append("" if r is None else f"{r.accuracy:.3f} [{r.ci_lo:.2f}, {r.ci_hi:.2f}]" + ("" if r.converged else "*"))
         table.add_row(str(i), *cells)
-    console.print(table)
+    con.print(table)
     for m, res in ldas.items():
-        console.print(f"LDA layer {layer}, {names[m]}: held-out accuracy {res.test_accuracy:.3f}, explained variance "
+        con.print(f"LDA layer {layer}, {names[m]}: held-out accuracy {res.test_accuracy:.3f}, explained variance "
                       + ", ".join(f"{v:.2f}" for v in res.explained_variance_ratio[:3]))
-    console.print("wrote " + ", ".join(str(p) for p in files))
+    con.print("files: " + escape(", ".join(str(p) for p in files)))
 
 

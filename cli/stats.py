@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import app
-from rich.console import Console
+from olmo_iv.cli.app import app, console
+from rich.markup import escape
 from rich.table import Table
 
 from olmo_iv.analysis.superadditivity import METRICS, ReferenceRow, SoundRow, StatsConfig
@@ -66,7 +66,7 @@ def stats_command(
     authors' t-test reproduced as is. Writes stats_sound_<metric>.{csv,tex,json}, stats_reference.{csv,tex}."""
     cfg = StatsConfig(metric=metric, alpha=alpha, fdr=fdr, confidence=confidence, n_boot=n_boot, seed=seed, top=top)
     result = run_stats(run_dir, cfg, tasks=task or None, target_pos=target_pos, reference_select=reference_select)
-    console = Console()
+    con = console()
     groups: dict[tuple, list] = {}
     for r in result.sound:
         groups.setdefault((r.model, r.task, r.mode, r.target_pos), []).append(r)
@@ -74,6 +74,6 @@ def stats_command(
     for r in result.reference:
         refs.setdefault((r.model, r.task, r.mode, r.target_pos), []).append(r)
     for key, rows in groups.items():
-        console.print(_sound_table(rows, cfg))
-        console.print(_reference_table(refs[key]))
-    console.print("wrote " + ", ".join(str(p) for p in result.files))
+        con.print(_sound_table(rows, cfg))
+        con.print(_reference_table(refs[key]))
+    con.print("files: " + escape(", ".join(str(p) for p in result.files)))

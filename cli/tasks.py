@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import app
+from olmo_iv.cli.app import MODE_HELP, app, console
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -89,9 +89,7 @@ def tasks_command(
     name: str | None = typer.Argument(None, help="Task to show (e.g. adjectives/adj_comp); none: list them."),
     model: str | None = typer.Option(None, "--model", help="Use this model's tokenizer (default: toy)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder holding a tokenizer.json."),
-    mode: str = typer.Option(
-        "reference", "--mode", help="reference (the authors' code) or faithful (the paper)."
-    ),
+    mode: str = typer.Option("faithful", "--mode", help=MODE_HELP),
     n: int = typer.Option(5, "--samples", "-n", help="How many samples to show (the first N rows)."),
     seed: int | None = typer.Option(None, "--seed", help="Show a seeded random subset of N rows instead."),
     filler: str | None = typer.Option(None, "--filler", help="Faithful mode's filler: a token or an id."),
@@ -122,7 +120,7 @@ def tasks_command(
                 else f"{r['options'][0]} … {r['options'][-1]}"
             )
             table.add_row(r["task"], str(r["samples"]), escape(opts), escape(r["instruction"]))
-        Console(highlight=False).print(table)
+        console().print(table)
         return
 
     chosen = T.samples(
@@ -133,11 +131,11 @@ def tasks_command(
     if as_json:
         _print_json([e.to_dict() for e in encoded])
         return
-    console = Console(highlight=False)
+    con = console()
     for e in encoded:
-        _show(console, tok, e)
+        _show(con, tok, e)
     rep = T.answer_report(encoded)
-    console.rule()
-    console.print(f"{rep['n_multi_token']} of {rep['n_samples']} labels span several tokens"
+    con.rule()
+    con.print(f"{rep['n_multi_token']} of {rep['n_samples']} labels span several tokens"
                   + (f" ({escape(', '.join(rep['multi_token'][:8]))}{', …' if len(rep['multi_token']) > 8 else ''})"
                      if rep["multi_token"] else "") + "; the metric uses the first token, as the paper does.")

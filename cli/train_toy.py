@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 from olmo_iv.cli.app import app, bar_callback, progress_bar
-from rich.console import Console
+from olmo_iv.cli.app import console as make_console
 from rich.table import Table
 
 from olmo_iv.errors import OlmoIVError
@@ -33,7 +33,7 @@ def train_toy_command(
         raise OlmoIVError(f"which={which!r}: use toy, toy-base or both")
     if steps < 1 or threads < 1:
         raise OlmoIVError(f"steps={steps}, threads={threads}: both must be at least 1")
-    console = Console()
+    console = make_console()
     names = ["toy", "toy-base"] if which == "both" else [which]
     for name in names:
         cfg = ToyConfig(control=name == "toy-base", seed=seed, steps=steps, threads=threads)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmo_iv.activations import answer_rank
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.kernels import norm_scale, path_step
 from olmo_iv.model import OLMo2
 from olmo_iv.progress import ProgressFn
@@ -63,9 +63,10 @@ class PathConfig:
             raise OlmoIVError(f"path mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.threshold < 1:
             raise OlmoIVError(f"threshold={self.threshold}: ranks start at 1, use a threshold of at least 1")
-        if self.chunk < 1 or self.readout_chunk < 1:
-            raise OlmoIVError("chunk and readout_chunk must be positive")
-        parse_sources(self.sources, 1)  # raises on a malformed spec
+        check_range("chunk", self.chunk, 1)
+        check_range("readout_chunk", self.readout_chunk, 1)
+        check_range("max_paths", self.max_paths, 1)
+        parse_sources(self.sources, 10**9)  # raises on a malformed spec
 
     def source_positions(self, n_tokens: int) -> list[int]:
         return parse_sources(self.sources, n_tokens)
@@ -82,8 +83,11 @@ def parse_sources(spec: str, n_tokens: int) -> list[int]:
             return list(range(n_tokens)[slice(int(a) if a else None, int(b) if b else None)])
         picked = [int(x) for x in spec.split(",")]
     except ValueError as err:
-        raise OlmoIVError(f"sources {spec!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'") from err
-    return sorted({p % n_tokens for p in picked if -n_tokens <= p < n_tokens})
+        raise OlmoIVError(f"sources={spec!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'") from err
+    outside = [p for p in picked if not -n_tokens <= p < n_tokens]
+    if outside:  # dropping them would report zero paths for tokens that do not exist
+        raise OlmoIVError(f"sources={spec!r}: position {outside[0]} is outside a prompt of {n_tokens} tokens")
+    return sorted({p % n_tokens for p in picked})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 
 from olmo_iv.activations import extract
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.progress import ProgressFn
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,6 +101,12 @@ class ProbeConfig:
     """lbfgs iterations (the authors: sklearn's default 100, which often stops before convergence)."""
     confidence: float = 0.95
     """Level of the accuracy intervals (Wilson)."""
+
+    def __post_init__(self) -> None:
+        check_range("test_size", self.test_size, 0, 1, low_open=True, high_open=True)
+        check_range("C", self.C, 0, low_open=True)
+        check_range("max_iter", self.max_iter, 1)
+        check_range("confidence", self.confidence, 0, 1, low_open=True, high_open=True)
 
 
 @dataclass

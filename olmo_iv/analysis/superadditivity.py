@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.interventions.patching import format_layers
 
 METRICS = ("logit_diff", "rr_diff")
@@ -199,6 +199,17 @@ class StatsConfig:
     """Margins with |m| <= zero_tol count as exact ties (0): float noise of batched runs is not evidence."""
     top: int = 10
     """Rows shown and written to LaTeX per group (by mean margin); the CSV has every tested set."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise OlmoIVError(f"metric={self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.fdr not in ("bh", "by"):
+            raise OlmoIVError(f"fdr={self.fdr!r}: use 'bh' (Benjamini-Hochberg) or 'by' (Benjamini-Yekutieli)")
+        check_range("alpha", self.alpha, 0, 1, low_open=True, high_open=True)
+        check_range("confidence", self.confidence, 0, 1, low_open=True, high_open=True)
+        check_range("n_boot", self.n_boot, 0)
+        check_range("zero_tol", self.zero_tol, 0)
+        check_range("top", self.top, 1)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.progress import ProgressFn
 
 Mode = Literal["reference", "faithful"]
@@ -417,7 +417,7 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
             judge=judge.judge(task, s.instruction, answer, query=query) if use_judge else None,
         ))
     em_ref, em_fai = _pct([r.em_reference for r in rows]), _pct([r.em_faithful for r in rows])
-    option_ia = _pct([bool(r.in_options) for r in rows]) if use_options else None
+    option_ia = _pct([bool(r.in_options) for r in rows]) if options else None  # no options: no option IA, not 0
     judge_ia = _pct([bool(r.judge) for r in rows]) if use_judge else None
     ia, source = (judge_ia, f"judge:{judge.name}") if use_judge else (option_ia, "options")
     score = TaskScore(task=task, n=len(rows), mode=mode, em=em_ref if mode == "reference" else em_fai,
@@ -444,6 +444,13 @@ class EvalSettings:
     """'rules' or 'http:{model}@{url}'."""
     dtype: str = "float32"
     """Weights' dtype."""
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.samples is not None:
+            check_range("samples", self.samples, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
 
 
 def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None = None,

@@ -42,8 +42,9 @@ class PatchSettings:
     """Samples per task: the first N rows in file order (the paper's choice) unless sample_seed is set."""
     sample_seed: int | None = None
     """Draw a seeded random subset of N rows instead of the first N."""
-    layers: int = 2
-    """Layer-set size: 1 (singles), 2 (pairs and the diagonal, the paper's grid) or 3 (all triples)."""
+    layers: int | None = 2
+    """Layer-set size: 1 (singles), 2 (pairs and the diagonal, the paper's grid) or 3 (all triples); None when
+    explicit `sets` are given."""
     diagonal: bool = True
     """With layers=2, include the single layers as the diagonal (l, l)."""
     sets: list[str] = field(default_factory=list)
@@ -63,7 +64,10 @@ class PatchSettings:
     def __post_init__(self) -> None:
         if self.mode not in task_registry.MODES:
             raise OlmoIVError(f"mode {self.mode!r} is not one of {', '.join(task_registry.MODES)}")
-        check_grid_size(self.layers)
+        if self.sets:
+            self.layers = None  # the run is the explicit sets, whatever the grid size says
+        else:
+            check_grid_size(self.layers)
         if self.samples < 1:
             raise OlmoIVError(f"samples={self.samples}: give at least 1")
         if self.max_rank < 1:
@@ -184,7 +188,8 @@ def finish(store: RunStore, settings: PatchSettings, order: list[str], timings: 
     store.write_text("patching.csv", text)
     table = _read(store.path("patching.csv"))
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "timings_s": timings,
-               "top10": top10(table), "files": ["patching.csv", "summary.json"]}
+               "verdict_confidence": VERDICT_CONFIDENCE, "verdict": verdict(table), "top10": top10(table),
+               "files": ["patching.csv", "summary.json"]}
     for metric, label in (("rr_diff", "mean RR difference (patched - target)"),
                           ("logit_diff", "mean logit difference (patched - target)")):
         for pos in settings.target_pos:
@@ -212,6 +217,37 @@ def _means(table: dict[str, np.ndarray], metric: str) -> dict[tuple[str, str, st
     for m, t, p, layers, v in zip(table["model"], table["task"], table["target_pos"], table["layers"], table[metric]):
         groups.setdefault((m, t, p), {}).setdefault(layers, []).append(float(v))
     return {k: {layers: float(np.mean(v)) for layers, v in g.items()} for k, g in groups.items()}
+
+
+VERDICT_CONFIDENCE = 0.95
+
+
+def verdict(table: dict[str, np.ndarray], confidence: float = VERDICT_CONFIDENCE) -> list[dict]:
+    """Per model, task and position: the layer set with the largest mean RR difference, a seeded percentile
+    bootstrap CI of that mean (scipy.stats.bootstrap), and the best single layer beside it."""
+    from scipy.stats import bootstrap
+
+    out = []
+    groups: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for m, t, p, layers, v in zip(table["model"], table["task"], table["target_pos"], table["layers"],
+                                  table["rr_diff"]):
+        groups.setdefault((m, t, p), {}).setdefault(layers, []).append(float(v))
+    for (m, t, p), by_set in groups.items():
+        means = {k: float(np.mean(v)) for k, v in by_set.items()}
+        best = max(means, key=means.__getitem__)  # first of equals in the grid's order
+        singles = {k: v for k, v in means.items() if "-" not in k}
+        single = max(singles, key=singles.__getitem__) if singles else None
+        x = np.asarray(by_set[best])
+        if len(x) > 1 and np.ptp(x) > 0:
+            ci = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile",
+                           random_state=0).confidence_interval
+            low, high = float(ci.low), float(ci.high)
+        else:  # one sample, or all equal: the interval is the point
+            low = high = float(x.mean())
+        out.append({"model": m, "task": t, "target_pos": p, "layers": best, "mean": means[best], "ci_low": low,
+                    "ci_high": high, "n": len(x), "best_single": single,
+                    "best_single_mean": means[single] if single is not None else float("nan")})
+    return out
 
 
 def top10(table: dict[str, np.ndarray]) -> list[dict]:
