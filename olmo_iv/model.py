@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.hooks import HookedMixin, HookFn, block_hook_names, run_hooks
+from olmo_iv.hooks import BLOCK_HOOKS, HookedMixin, HookFn, block_hook_names, run_hooks
 
 
 @dataclass
@@ -66,12 +66,21 @@ class ModelConfig:
 
     # transformers' config.json names -> ours
     HF_FIELDS = {
-        "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
-        "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "d_mlp",
-        "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps", "hidden_act": "hidden_act",
-        "tie_word_embeddings": "tie_word_embeddings", "max_position_embeddings": "max_position_embeddings",
-        "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
-    }  # fmt: skip
+        "vocab_size": "vocab_size",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "intermediate_size": "d_mlp",
+        "head_dim": "head_dim",
+        "rms_norm_eps": "rms_norm_eps",
+        "hidden_act": "hidden_act",
+        "tie_word_embeddings": "tie_word_embeddings",
+        "max_position_embeddings": "max_position_embeddings",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "pad_token_id": "pad_token_id",
+    }
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -104,26 +113,50 @@ class ModelConfig:
         ours = asdict(self)
         cfg = {k: v for k, v in self.extra.items() if k not in ("rope_parameters", "rope_scaling")}
         cfg.update({hf: ours[o] for hf, o in self.HF_FIELDS.items() if ours[o] is not None})
-        cfg.update(model_type="olmo2", architectures=["Olmo2ForCausalLM"], attention_bias=False,
-                   attention_dropout=0.0, rope_theta=self.rope_theta, rope_scaling=None)  # fmt: skip
+        cfg.update(
+            model_type="olmo2",
+            architectures=["Olmo2ForCausalLM"],
+            attention_bias=False,
+            attention_dropout=0.0,
+            rope_theta=self.rope_theta,
+            rope_scaling=None,
+        )
         return cfg
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, hooks: dict[str, list[HookFn]], scale_name: str) -> Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 as transformers' Olmo2RMSNorm does."""
-    h = x.float()
-    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if hooks and scale_name in hooks:  # the scale is exposed as TransformerLens does: sqrt(mean(x^2) + eps)
-        scale = 1.0 / inv
-        new = run_hooks(hooks, scale_name, scale)
-        if new is not scale:
-            inv = 1.0 / new.float()
-    return (weight * (h * inv)).to(x.dtype)
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps), in fp32 as transformers' Olmo2RMSNorm: the weight multiplies before the
+    cast back (Llama casts first), which is what keeps bf16 parity exact."""
+
+    def __init__(
+        self, dim: int, eps: float, hooks: dict[str, list[HookFn]] | None = None, name: str = ""
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.hooks, self.scale_name = (
+            hooks,
+            name,
+        )  # the model's registry, by reference; name of the scale hook
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if (
+            self.hooks and self.scale_name in self.hooks
+        ):  # exposed as TransformerLens does: sqrt(mean(x^2) + eps)
+            scale = 1.0 / inv
+            new = run_hooks(self.hooks, self.scale_name, scale)
+            if new is not scale:
+                inv = 1.0 / new.float()
+        return (self.weight * (h * inv)).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """fp32 cos/sin of shape [B, T, 1, head_dim] for half-split ('rotate_half') RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
+    )
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
@@ -151,72 +184,86 @@ class KVCache:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
 
+def _sub_hook_names(layer: int, prefix: str) -> dict[str, str]:
+    """'hook_q' -> 'blocks.{layer}.attn.hook_q' for the hook points of one sub-module."""
+    return {s.removeprefix(prefix): f"blocks.{layer}.{s}" for s in BLOCK_HOOKS if s.startswith(prefix)}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, hooks: dict[str, list[HookFn]]) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer, self.hooks = cfg, layer, hooks
+        self.names = _sub_hook_names(layer, "attn.")
         hd = cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
-        self.q_norm = nn.Parameter(torch.ones(cfg.n_heads * hd))  # QK-norm over the whole projection
-        self.k_norm = nn.Parameter(torch.ones(cfg.n_kv_heads * hd))
+        # QK-norm over the whole flattened projection, before the head split and RoPE (it is not per head)
+        self.q_norm = RMSNorm(cfg.n_heads * hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.n_kv_heads * hd, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, hooks: dict, n: dict[str, str],
-                layer: int, cache: KVCache | None) -> Tensor:  # fmt: skip
+    def _hook(self, short: str, x: Tensor) -> Tensor:
+        return run_hooks(self.hooks, self.names[short], x)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
         B, T, _ = x.shape
-        cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        # QK-norm runs on the flattened projection, before the head split and RoPE (it is not per head).
-        q = rms_norm(self.q_proj(x), self.q_norm, eps, {}, "").view(B, T, cfg.n_heads, cfg.head_dim)
-        k = rms_norm(self.k_proj(x), self.k_norm, eps, {}, "").view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        cfg, H = self.cfg, self.hooks
+        q = self.q_norm(self.q_proj(x)).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_norm(self.k_proj(x)).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if hooks:
-            q, k, v = (run_hooks(hooks, n[f"attn.hook_{s}"], t) for s, t in (("q", q), ("k", k), ("v", v)))
+        if H:
+            q, k, v = self._hook("hook_q", q), self._hook("hook_k", k), self._hook("hook_v", v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if hooks:
-            q, k = run_hooks(hooks, n["attn.hook_rot_q"], q), run_hooks(hooks, n["attn.hook_rot_k"], k)
+        if H:
+            q, k = self._hook("hook_rot_q", q), self._hook("hook_rot_k", k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
         if cache is not None:
-            if cache.k[layer] is not None:
-                k, v = torch.cat((cache.k[layer], k), dim=2), torch.cat((cache.v[layer], v), dim=2)
-            cache.k[layer], cache.v[layer] = k, v
+            if cache.k[self.layer] is not None:
+                k, v = torch.cat((cache.k[self.layer], k), dim=2), torch.cat((cache.v[self.layer], v), dim=2)
+            cache.k[self.layer], cache.v[self.layer] = k, v
         scale = cfg.head_dim**-0.5
-        if hooks and n["attn.hook_pattern"] in hooks:  # eager path: the pattern is materialised only on request
+        if H and self.names["hook_pattern"] in H:  # eager path: the pattern is materialised only on request
             rep = cfg.n_heads // cfg.n_kv_heads
             kr, vr = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q @ kr.transpose(2, 3)) * scale
             if mask is None:
-                mask = _causal(T, k.shape[2], x.device)
+                mask = causal_mask(T, k.shape[2], x.device)
             scores = scores.masked_fill(~mask, float("-inf"))
             pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            pattern = run_hooks(hooks, n["attn.hook_pattern"], pattern)
-            z = pattern @ vr
+            z = self._hook("hook_pattern", pattern) @ vr
         else:
             causal = mask is None and k.shape[2] == T
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)  # fmt: skip
+            gqa = cfg.n_kv_heads != cfg.n_heads
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+            )
         z = z.transpose(1, 2)  # [B, T, H, dh]
-        if hooks:
-            z = run_hooks(hooks, n["attn.hook_z"], z)
+        if H:
+            z = self._hook("hook_z", z)
         return self.o_proj(z.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, hooks: dict[str, list[HookFn]]) -> None:
         super().__init__()
+        self.hooks = hooks
+        self.names = _sub_hook_names(layer, "mlp.")
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
         self.act = F.silu if cfg.hidden_act == "silu" else F.relu
 
-    def forward(self, x: Tensor, hooks: dict, n: dict[str, str]) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        H, n = self.hooks, self.names
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if hooks:
-            gate, up = run_hooks(hooks, n["mlp.hook_pre"], gate), run_hooks(hooks, n["mlp.hook_pre_linear"], up)
+        if H:
+            gate, up = run_hooks(H, n["hook_pre"], gate), run_hooks(H, n["hook_pre_linear"], up)
         post = self.act(gate) * up
-        if hooks:
-            post = run_hooks(hooks, n["mlp.hook_post"], post)
+        if H:
+            post = run_hooks(H, n["hook_post"], post)
         return self.down_proj(post)
 
 
@@ -224,27 +271,27 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, hooks: dict[str, list[HookFn]]) -> None:
         super().__init__()
         self.layer, self.hooks, self.n = layer, hooks, block_hook_names(layer)
-        self.attn = Attention(cfg)
-        self.ln_attn = nn.Parameter(torch.ones(cfg.d_model))  # HF: post_attention_layernorm
-        self.mlp = MLP(cfg)
-        self.ln_mlp = nn.Parameter(torch.ones(cfg.d_model))  # HF: post_feedforward_layernorm
-        self.eps = cfg.rms_norm_eps
+        self.attn = Attention(cfg, layer, hooks)
+        self.ln_attn = RMSNorm(cfg.d_model, cfg.rms_norm_eps, hooks, self.n["ln_attn.hook_scale"])
+        self.mlp = MLP(cfg, layer, hooks)
+        self.ln_mlp = RMSNorm(cfg.d_model, cfg.rms_norm_eps, hooks, self.n["ln_mlp.hook_scale"])
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
         H, n = self.hooks, self.n
         hk = (lambda name, t: run_hooks(H, n[name], t)) if H else (lambda name, t: t)
         x = hk("hook_resid_pre", x)
-        a = hk("attn.hook_out", self.attn(x, cos, sin, mask, H, n, self.layer, cache))
-        a = hk("hook_attn_out", rms_norm(a, self.ln_attn, self.eps, H, n["ln_attn.hook_scale"]))
+        a = hk("hook_attn_out", self.ln_attn(hk("attn.hook_out", self.attn(x, cos, sin, mask, cache))))
         x = hk("hook_resid_mid", x + a)
-        m = hk("mlp.hook_out", self.mlp(x, H, n))
-        m = hk("hook_mlp_out", rms_norm(m, self.ln_mlp, self.eps, H, n["ln_mlp.hook_scale"]))
+        m = hk("hook_mlp_out", self.ln_mlp(hk("mlp.hook_out", self.mlp(x))))
         return hk("hook_resid_post", x + m)
 
 
-def _causal(t_new: int, t_all: int, device: torch.device) -> Tensor:
+def causal_mask(t_new: int, t_all: int, device: torch.device) -> Tensor:
+    """[1, 1, t_new, t_all] bool: the last t_new of t_all tokens see themselves and every earlier token."""
     q = torch.arange(t_all - t_new, t_all, device=device)[:, None]
-    return (torch.arange(t_all, device=device)[None, :] <= q)[None, None]  # [1, 1, Tq, Tk]
+    return (torch.arange(t_all, device=device)[None, :] <= q)[None, None]
 
 
 class OLMo2(HookedMixin, nn.Module):
@@ -253,12 +300,14 @@ class OLMo2(HookedMixin, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self._hooks: dict[str, list[HookFn]] = {}  # shared with every block
+        self._hooks: dict[str, list[HookFn]] = {}  # shared by reference with every block and norm
         # an explicit (uninitialised) weight: the default normal_() init costs seconds of torch._dynamo import
         # on the meta device, and load() / init_weights() overwrite it anyway
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        self.embed = nn.Embedding(
+            cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model)
+        )
         self.blocks = nn.ModuleList(Block(cfg, layer, self._hooks) for layer in range(cfg.n_layers))
-        self.ln_final = nn.Parameter(torch.ones(cfg.d_model))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, self._hooks, "ln_final.hook_scale")
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tokenizer = None  # a tokenizers.Tokenizer when the checkpoint has tokenizer.json
         self.name_or_path: str | None = None
@@ -280,6 +329,28 @@ class OLMo2(HookedMixin, nn.Module):
                 f"token ids {bad} are outside the vocabulary [0, {self.config.vocab_size}): was the input "
                 "tokenized with this model's tokenizer?"
             )
+
+    def attention_inputs(
+        self, positions: Tensor, attention_mask: Tensor | None = None, past: int = 0
+    ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """(cos, sin, mask) for every block, for queries at RoPE `positions` [B, T] after `past` cached tokens.
+
+        mask is a bool [B or 1, 1, T, past + T] (True = may attend), or None for plain causal attention, which lets
+        SDPA take its fast path. Blocks can be run one by one with these (prefix sharing in patching).
+        """
+        cfg = self.config
+        T, device = positions.shape[1], positions.device
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            valid = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, Tk]
+            q_idx = torch.arange(past, past + T, device=device)[:, None]
+            k_idx = torch.arange(past + T, device=device)[None, :]
+            # causal and not padding; a padding query still sees itself, so that no softmax row is empty
+            mask = ((k_idx <= q_idx) & valid) | (k_idx == q_idx)
+        elif past and T > 1:
+            mask = causal_mask(T, past + T, device)
+        return [(cos, sin, mask)] * cfg.n_layers
 
     def forward(
         self,
@@ -305,26 +376,40 @@ class OLMo2(HookedMixin, nn.Module):
         stop_at_layer: run blocks [start_at_layer, stop_at_layer) and return that residual instead of logits.
         kv_cache: keys/values of earlier tokens (generation); it is extended in place.
         """
+        cfg, H = self.config, self._hooks
+        if not isinstance(ids, Tensor):
+            raise OlmoIVError(f"token ids must be a torch tensor [batch, tokens], got {type(ids).__name__}")
         if ids.dim() == 1:
             ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise OlmoIVError(
+                f"token ids must be a non-empty [batch, tokens] tensor, got shape {tuple(ids.shape)}"
+            )
         B, T = ids.shape
-        cfg, H = self.config, self._hooks
         past = kv_cache.length if kv_cache is not None else 0
+        if past + T > cfg.max_position_embeddings:
+            raise OlmoIVError(
+                f"{past + T} tokens exceed the model's context of max_position_embeddings="
+                f"{cfg.max_position_embeddings}; shorten the input (or raise model.config.max_position_embeddings "
+                "at your own risk)"
+            )
+        stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
+        if not 0 <= start_at_layer <= stop <= cfg.n_layers:
+            raise OlmoIVError(
+                f"start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer}: need 0 <= start_at_layer <= "
+                f"stop_at_layer <= n_layers={cfg.n_layers}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise OlmoIVError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected [{B}, {past + T}] "
+                "(batch, cached + new tokens)"
+            )
         if positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 positions = torch.arange(past, past + T, device=ids.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            valid = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, Tk]
-            q_idx = torch.arange(past, past + T, device=ids.device)[:, None]
-            k_idx = torch.arange(past + T, device=ids.device)[None, :]
-            # causal and not padding; a padding query still sees itself, so that no softmax row is empty
-            mask = ((k_idx <= q_idx) & valid) | (k_idx == q_idx)
-        elif past and T > 1:
-            mask = _causal(T, past + T, ids.device)
+        layer_inputs = self.attention_inputs(positions, attention_mask, past)
 
         if start_at_layer == 0:
             self.check_ids(ids)
@@ -332,28 +417,49 @@ class OLMo2(HookedMixin, nn.Module):
             if H:
                 x = run_hooks(H, "hook_embed", x)
         else:
-            if resid is None or resid.shape[:2] != (B, T):
-                raise OlmoIVError(f"start_at_layer={start_at_layer} needs resid of shape [{B}, {T}, d]")
+            if resid is None or tuple(resid.shape) != (B, T, cfg.d_model):
+                got = "none" if resid is None else f"shape {tuple(resid.shape)}"
+                raise OlmoIVError(
+                    f"start_at_layer={start_at_layer} needs resid of shape [{B}, {T}, "
+                    f"{cfg.d_model}] (batch, tokens, d_model), got {got}"
+                )
             x = resid
-        stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block in self.blocks[start_at_layer:stop]:
-            x = block(x, cos, sin, mask, kv_cache)
+        for layer in range(start_at_layer, stop):
+            x = self.blocks[layer](x, *layer_inputs[layer], kv_cache)
         if stop_at_layer is not None:
             return x
 
-        if logits_at is not None:
-            if isinstance(logits_at, int):
-                x = x[:, logits_at]
-            else:
-                x = x[torch.arange(B, device=x.device), logits_at.to(x.device)]
-            x = x[:, None]  # [B, 1, d] so that the hooks see [batch, pos, ...] as everywhere else
+        if isinstance(logits_at, int):
+            if not -T <= logits_at < T:
+                raise OlmoIVError(
+                    f"logits_at={logits_at} is out of range for {T} tokens (use -{T} .. {T - 1})"
+                )
+            x = x[:, logits_at, None]  # [B, 1, d] so that the hooks see [batch, pos, ...] as everywhere else
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), self._logit_positions(logits_at, B, T).to(x.device), None]
         logits = self.unembed(x)
         return logits[:, 0] if logits_at is not None else logits
+
+    @staticmethod
+    def _logit_positions(logits_at: Tensor | int, B: int, T: int) -> Tensor:
+        """logits_at as a LongTensor [B] of positions in [0, T), or a clear error."""
+        at = torch.as_tensor(logits_at)
+        if at.is_floating_point() or at.is_complex() or at.dtype == torch.bool:
+            raise OlmoIVError(f"logits_at must be an int or an integer tensor, got dtype {at.dtype}")
+        if at.dim() == 0:
+            at = at.expand(B)
+        if tuple(at.shape) != (B,):
+            raise OlmoIVError(
+                f"logits_at must be an int or one position per row (shape [{B}]), got {tuple(at.shape)}"
+            )
+        if bool(((at < -T) | (at >= T)).any()):
+            raise OlmoIVError(f"logits_at={at.tolist()} is out of range for {T} tokens (use -{T} .. {T - 1})")
+        return at % T
 
     def unembed(self, x: Tensor) -> Tensor:
         """Final norm and lm_head on residuals [B, T, d] -> logits [B, T, V] (with their hook points)."""
         H = self._hooks
-        x = rms_norm(x, self.ln_final, self.config.rms_norm_eps, H, "ln_final.hook_scale")
+        x = self.ln_final(x)
         if H:
             x = run_hooks(H, "ln_final.hook_normalized", x)
         logits = self.lm_head(x)

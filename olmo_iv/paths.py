@@ -170,10 +170,10 @@ class Surrogates:
 def linearize(model: OLMo2, obs: Observation) -> Surrogates:
     eps, blocks = model.config.rms_norm_eps, model.blocks
     with torch.no_grad():
-        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn, eps) for i, b in enumerate(blocks)])
-        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp, eps) for i, b in enumerate(blocks)])
+        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn.weight, eps) for i, b in enumerate(blocks)])
+        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp.weight, eps) for i, b in enumerate(blocks)])
         act = F.silu if model.config.hidden_act == "silu" else F.relu
-        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final, eps)[0]
+        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final.weight, eps)[0]
         return Surrogates(s_att, s_mlp, act(obs.gate), s_fin)
 
 
