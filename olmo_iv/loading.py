@@ -1,4 +1,4 @@
-"""Load OLMo-2 checkpoints: the built-in toy models, local folders and hub ids; safetensors only.
+"""Load OLMo-2 and OLMo-3 checkpoints: the built-in toy models, local folders and hub ids; safetensors only.
 
 Weights are created on the meta device and filled tensor by tensor from the files, so a 7B model is never
 randomly initialised first and never held twice. Nothing is unpickled and no remote code is run.
@@ -109,7 +109,7 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.exists():
-        raise OlmoIVError(f"{folder} has no config.json: is this an OLMo-2 checkpoint folder?")
+        raise OlmoIVError(f"{folder} has no config.json: is this an OLMo-2/OLMo-3 checkpoint folder?")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -207,8 +207,9 @@ def load(
     device: str | torch.device = "cpu",
     revision: str | None = None,
 ) -> OLMo2:
-    """Load an OLMo-2 checkpoint: 'toy' / 'toy-base' (shipped), a local folder, or a hub id such as
-    'allenai/OLMo-2-0425-1B' (through huggingface_hub, honouring HF_HUB_OFFLINE and the local cache).
+    """Load an OLMo-2 or OLMo-3 checkpoint (by config.json's model_type): 'toy' / 'toy-base' (shipped), a local
+    folder, or a hub id such as 'allenai/OLMo-2-0425-1B' or 'allenai/Olmo-3-1025-7B' (through huggingface_hub,
+    honouring HF_HUB_OFFLINE and the local cache).
 
     The folder needs config.json and model.safetensors (or shards with model.safetensors.index.json); a
     tokenizer.json, when present, is loaded as `model.tokenizer`. Every tensor name and shape is checked, and

@@ -1,10 +1,14 @@
-"""OLMo-2 in plain PyTorch, with typed hook points. Read it top to bottom.
+"""OLMo-2 and OLMo-3 in plain PyTorch, with typed hook points. Read it top to bottom.
 
 Block (OLMo-2's "reordered" post-norm; there is no pre-norm, attention and MLP read the raw residual):
     h   = x + RMSNorm_attn(Attn(x))          attention: QK-norm over the whole projection, then half-split RoPE
     out = h + RMSNorm_mlp(MLP(h))            MLP: down(act(gate(h)) * up(h)), act = SiLU (SwiGLU)
 then a final RMSNorm and the unembedding. Numerics follow transformers' Olmo2: the norms run in fp32 and
 multiply their weight in fp32 before casting back, and RoPE's cos/sin stay in fp32.
+
+OLMo-3 is the same block with two per-layer differences (transformers' Olmo3): three of every four layers use
+sliding-window attention (a query sees only the last `sliding_window` keys, itself included), and the
+full-attention layers may use YaRN-scaled RoPE while the sliding ones keep plain RoPE.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from torch import Tensor, nn
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.hooks import BLOCK_HOOKS, HookedMixin, HookFn, block_hook_names, run_hooks
 
+MODEL_TYPES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("default", "yarn")
+
 
 @dataclass
 class ModelConfig:
@@ -32,27 +40,38 @@ class ModelConfig:
     n_heads: int = 16
     """Query heads (HF: num_attention_heads)."""
     n_kv_heads: int = 16
-    """Key/value heads; fewer than n_heads means grouped-query attention (the 32B model has 8)."""
+    """Key/value heads; fewer than n_heads means grouped-query attention (the 32B models have 8)."""
     d_mlp: int = 8192
     """Hidden width of the gated MLP (HF: intermediate_size)."""
     head_dim: int | None = None
     """Width of one head; None means d_model // n_heads."""
     rope_theta: float = 500000.0
-    """RoPE base frequency."""
+    """RoPE base frequency (of every layer unless rope_parameters says otherwise)."""
     rms_norm_eps: float = 1e-6
     """Epsilon inside every RMSNorm (the four per block, QK-norms included, and the final one)."""
     hidden_act: str = "silu"
-    """Gate activation: 'silu' (SwiGLU, every OLMo-2) or 'relu' (gives 0/1 gate masks in path tracing)."""
+    """Gate activation: 'silu' (SwiGLU, every OLMo) or 'relu' (gives 0/1 gate masks in path tracing)."""
     tie_word_embeddings: bool = False
-    """Share the embedding with lm_head (no OLMo-2 checkpoint does)."""
+    """Share the embedding with lm_head (no OLMo-2/3 checkpoint does)."""
     max_position_embeddings: int = 4096
-    """Context length the checkpoint was trained for (informative; RoPE itself has no limit)."""
+    """Context length the checkpoint supports; longer inputs are refused (OLMo-3: 65536 with YaRN)."""
     bos_token_id: int | None = None
     """Token the checkpoint uses as BOS, if any (OLMo-2 adds none by default; <|endoftext|>=100257)."""
     eos_token_id: int | None = None
     """End-of-text token."""
     pad_token_id: int | None = None
     """Padding token."""
+    model_type: str = "olmo2"
+    """'olmo2' or 'olmo3': which transformers class the checkpoint belongs to (config.json's model_type)."""
+    layer_types: list[str] | None = None
+    """Attention type of each block, 'full_attention' or 'sliding_attention' (OLMo-3: three sliding, then one
+    full); None means every block full (OLMo-2)."""
+    sliding_window: int | None = None
+    """Keys a query of a sliding-attention block sees, itself included (OLMo-3: 4096)."""
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """RoPE of each attention type, nested as transformers v5 writes it: {'full_attention': {'rope_type': 'yarn',
+    'rope_theta': 500000.0, 'factor': 8.0, 'original_max_position_embeddings': 8192, ...}}. A type left out gets
+    plain ('default') RoPE at rope_theta."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Other config.json fields, kept so that a saved config round-trips."""
 
@@ -63,6 +82,41 @@ class ModelConfig:
             raise OlmoIVError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.hidden_act not in ("silu", "relu"):
             raise OlmoIVError(f"hidden_act={self.hidden_act!r} is not supported: use 'silu' or 'relu'")
+        if self.model_type not in MODEL_TYPES:
+            raise OlmoIVError(
+                f"model_type={self.model_type!r}: olmo-iv implements {' and '.join(MODEL_TYPES)}"
+            )
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.n_layers
+        if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(ATTENTION_TYPES):
+            raise OlmoIVError(
+                f"layer_types must give one of {ATTENTION_TYPES} for each of the {self.n_layers} "
+                f"layers, got {self.layer_types}"
+            )
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
+            raise OlmoIVError(f"sliding-attention layers need sliding_window >= 1, got {self.sliding_window}")
+        if self.model_type == "olmo2" and (
+            set(self.layer_types) != {"full_attention"} or self.rope_parameters
+        ):
+            raise OlmoIVError(
+                "OLMo-2 has full attention and plain RoPE in every layer; use model_type='olmo3'"
+            )
+        for kind, params in self.rope_parameters.items():
+            if kind not in ATTENTION_TYPES or params.get("rope_type", "default") not in ROPE_TYPES:
+                raise OlmoIVError(
+                    f"rope_parameters[{kind!r}]={params}: supported are the attention types "
+                    f"{ATTENTION_TYPES} and the RoPE types {ROPE_TYPES}"
+                )
+            if params.get("partial_rotary_factor", 1.0) != 1.0:
+                raise OlmoIVError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+
+    def rope(self, attention_type: str) -> dict[str, Any]:
+        """The RoPE parameters of one attention type, defaults filled in."""
+        return {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            **self.rope_parameters.get(attention_type, {}),
+        }
 
     # transformers' config.json names -> ours
     HF_FIELDS = {
@@ -81,46 +135,94 @@ class ModelConfig:
         "eos_token_id": "eos_token_id",
         "pad_token_id": "pad_token_id",
     }
+    RoPE_AND_LAYER_FIELDS = ("rope_theta", "rope_parameters", "rope_scaling", "layer_types", "sliding_window")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a config.json dict; accepts `rope_theta` (checkpoints) and `rope_parameters` (transformers v5)."""
-        if cfg.get("model_type") != "olmo2":
+        """Build from a config.json dict. RoPE may be given as checkpoints on the hub write it (`rope_theta`, and
+        `rope_scaling` for OLMo-3's full-attention layers) or as transformers v5 does (`rope_parameters`, flat for
+        OLMo-2, nested by attention type for OLMo-3)."""
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
             raise OlmoIVError(
-                f"config.json has model_type={cfg.get('model_type')!r}; olmo-iv implements OLMo-2 only "
-                "(model_type 'olmo2')"
+                f"config.json has model_type={model_type!r}; olmo-iv implements OLMo-2 and OLMo-3 only "
+                "(model_type 'olmo2' or 'olmo3')"
             )
         if cfg.get("attention_bias"):
-            raise OlmoIVError("config.json sets attention_bias=true; OLMo-2 checkpoints have no biases")
+            raise OlmoIVError("config.json sets attention_bias=true; OLMo-2/3 checkpoints have no biases")
         kwargs = {ours: cfg[hf] for hf, ours in cls.HF_FIELDS.items() if cfg.get(hf) is not None}
         kwargs.setdefault("n_kv_heads", kwargs.get("n_heads", cls.n_heads))
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
-            raise OlmoIVError(f"RoPE type {rope_type!r} is not supported: OLMo-2 uses plain ('default') RoPE")
-        theta = rope.get("rope_theta", cfg.get("rope_theta"))
-        if theta is None:
-            raise OlmoIVError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several
                 kwargs[key] = kwargs[key][0]
-        extra = {k: v for k, v in cfg.items() if k not in cls.HF_FIELDS}
-        return cls(rope_theta=float(theta), extra=extra, **kwargs)
+
+        params = {k: v for k, v in (cfg.get("rope_parameters") or {}).items()}
+        scaling = cfg.get("rope_scaling") or {}
+        if any(k in params for k in ATTENTION_TYPES):
+            per_type = {k: dict(v) for k, v in params.items() if k in ATTENTION_TYPES and v}
+        else:  # one flat dict: all layers for OLMo-2; OLMo-3 scales only its full-attention layers
+            per_type = {"full_attention": params} if params else {}
+        # (transformers 5 gives the sliding layers of a rope_scaling-style config 500000 whatever rope_theta says;
+        # every OLMo-3 checkpoint has rope_theta 500000, and rope_theta is what OLMo-core uses for both)
+        if scaling:
+            per_type["full_attention"] = {**per_type.get("full_attention", {}), **scaling}
+        for p in per_type.values():
+            if "type" in p:  # the pre-v4.45 spelling
+                p.setdefault("rope_type", p.pop("type"))
+        thetas = [p["rope_theta"] for p in per_type.values() if p.get("rope_theta") is not None]
+        theta = (
+            cfg.get("rope_theta") if cfg.get("rope_theta") is not None else (thetas[0] if thetas else None)
+        )
+        if theta is None:
+            raise OlmoIVError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
+        layers: dict[str, Any] = {}
+        if model_type == "olmo2":
+            for p in per_type.values():
+                if p.get("rope_type", "default") != "default":
+                    raise OlmoIVError(
+                        f"RoPE type {p['rope_type']!r} is not supported: OLMo-2 uses plain ('default') RoPE"
+                    )
+            per_type = {}
+        else:
+            n = kwargs.get("n_layers", cls.n_layers)
+            # transformers' Olmo3Config default: every fourth layer full, the others sliding
+            layers["layer_types"] = cfg.get("layer_types") or [
+                "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)
+            ]
+            layers["sliding_window"] = cfg.get("sliding_window", 4096)
+        skip = set(cls.HF_FIELDS) | set(cls.RoPE_AND_LAYER_FIELDS) | {"model_type"}
+        extra = {k: v for k, v in cfg.items() if k not in skip}
+        return cls(
+            rope_theta=float(theta),
+            model_type=model_type,
+            rope_parameters=per_type,
+            extra=extra,
+            **layers,
+            **kwargs,
+        )
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json that transformers' Olmo2ForCausalLM reads."""
+        """The config.json that transformers' Olmo2ForCausalLM / Olmo3ForCausalLM reads back."""
         ours = asdict(self)
-        cfg = {k: v for k, v in self.extra.items() if k not in ("rope_parameters", "rope_scaling")}
+        cfg = {k: v for k, v in self.extra.items() if k not in self.RoPE_AND_LAYER_FIELDS}
         cfg.update({hf: ours[o] for hf, o in self.HF_FIELDS.items() if ours[o] is not None})
         cfg.update(
-            model_type="olmo2",
-            architectures=["Olmo2ForCausalLM"],
+            model_type=self.model_type,
+            architectures=[MODEL_TYPES[self.model_type]],
             attention_bias=False,
             attention_dropout=0.0,
             rope_theta=self.rope_theta,
             rope_scaling=None,
         )
+        if self.model_type == "olmo3":
+            # both spellings: v5 reads the nested rope_parameters, earlier versions rope_theta + rope_scaling
+            full = self.rope("full_attention")
+            cfg.update(
+                layer_types=list(self.layer_types or ()),
+                sliding_window=self.sliding_window,
+                rope_parameters={kind: self.rope(kind) for kind in ATTENTION_TYPES},
+                rope_scaling=full if full["rope_type"] != "default" else None,
+            )
         return cfg
 
 
@@ -152,14 +254,53 @@ class RMSNorm(nn.Module):
         return (self.weight * (h * inv)).to(x.dtype)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(cfg: ModelConfig, attention_type: str) -> tuple[Tensor, float]:
+    """(inv_freq [head_dim / 2] fp32 on the CPU, attention factor that multiplies cos and sin) of one attention
+    type. YaRN (arXiv 2309.00071) keeps the high frequencies, divides the low ones by `factor` and ramps linearly
+    in between, over the dimensions that turn between beta_fast and beta_slow times in the original context;
+    the constants and defaults are transformers' (`_compute_yarn_parameters`), which is the parity oracle."""
+    p, dim = cfg.rope(attention_type), cfg.head_dim
+    assert dim is not None
+    base = float(p["rope_theta"])
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    if p["rope_type"] == "default":
+        return 1.0 / pos_freqs, 1.0
+    original = p.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = p.get("factor") or cfg.max_position_embeddings / original
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def dim_turning(turns: float) -> float:  # the dimension whose frequency turns `turns` times in `original`
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_turning(p.get("beta_fast") or 32), dim_turning(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a one-dimension ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate (divided by factor)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0) -> tuple[Tensor, Tensor]:
     """fp32 cos/sin of shape [B, T, 1, head_dim] for half-split ('rotate_half') RoPE."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
-    )
-    freqs = positions[..., None].float() * inv_freq
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos(), emb.sin()
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:  # YaRN scales the attention logits through q and k
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -271,6 +412,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, hooks: dict[str, list[HookFn]]) -> None:
         super().__init__()
         self.layer, self.hooks, self.n = layer, hooks, block_hook_names(layer)
+        self.attention_type = cfg.layer_types[layer] if cfg.layer_types else "full_attention"
         self.attn = Attention(cfg, layer, hooks)
         self.ln_attn = RMSNorm(cfg.d_model, cfg.rms_norm_eps, hooks, self.n["ln_attn.hook_scale"])
         self.mlp = MLP(cfg, layer, hooks)
@@ -295,7 +437,7 @@ def causal_mask(t_new: int, t_all: int, device: torch.device) -> Tensor:
 
 
 class OLMo2(HookedMixin, nn.Module):
-    """OLMo-2 causal LM. `model(ids)` returns logits; see `forward` for positions, padding and partial runs."""
+    """OLMo-2 or OLMo-3 causal LM (config.model_type). `model(ids)` returns logits; see `forward` for positions, padding and partial runs."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -336,21 +478,37 @@ class OLMo2(HookedMixin, nn.Module):
         """(cos, sin, mask) for every block, for queries at RoPE `positions` [B, T] after `past` cached tokens.
 
         mask is a bool [B or 1, 1, T, past + T] (True = may attend), or None for plain causal attention, which lets
-        SDPA take its fast path. Blocks can be run one by one with these (prefix sharing in patching).
+        SDPA take its fast path. Blocks of one attention type share the same tensors. Blocks can be run one by one
+        with these (prefix sharing in patching starts mid-stack).
         """
         cfg = self.config
         T, device = positions.shape[1], positions.device
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            valid = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, Tk]
-            q_idx = torch.arange(past, past + T, device=device)[:, None]
-            k_idx = torch.arange(past + T, device=device)[None, :]
-            # causal and not padding; a padding query still sees itself, so that no softmax row is empty
-            mask = ((k_idx <= q_idx) & valid) | (k_idx == q_idx)
-        elif past and T > 1:
-            mask = causal_mask(T, past + T, device)
-        return [(cos, sin, mask)] * cfg.n_layers
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        per_type = {}
+        for kind in sorted(set(cfg.layer_types or ())):
+            window = cfg.sliding_window if kind == "sliding_attention" else None
+            per_type[kind] = (
+                *rope_cos_sin(positions, *rope_frequencies(cfg, kind)),
+                self._mask(T, past, attention_mask if padded else None, window, device),
+            )
+        return [per_type[kind] for kind in cfg.layer_types or ()]
+
+    @staticmethod
+    def _mask(
+        T: int, past: int, attention_mask: Tensor | None, window: int | None, device: torch.device
+    ) -> Tensor | None:
+        windowed = window is not None and past + T > window  # some query has a key beyond its window
+        if attention_mask is None and not windowed:
+            return causal_mask(T, past + T, device) if past and T > 1 else None
+        q_idx = torch.arange(past, past + T, device=device)[:, None]
+        k_idx = torch.arange(past + T, device=device)[None, :]
+        allowed = k_idx <= q_idx
+        if windowed:  # the window counts indices (padding included), not RoPE positions, as transformers does
+            allowed = allowed & (k_idx > q_idx - window)
+        if attention_mask is None:
+            return allowed[None, None]
+        # not padding; a padding query still sees itself, so that no softmax row is empty
+        return (allowed & attention_mask.bool()[:, None, None, :]) | (k_idx == q_idx)
 
     def forward(
         self,

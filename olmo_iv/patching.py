@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.model import OLMo2, rope_cos_sin
+from olmo_iv.model import OLMo2
 
 LayerSet = tuple[int, ...]
 
@@ -270,10 +270,10 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
     ids = torch.stack([targets[i] for i in samples])  # [m, T]
     sample_idx = torch.tensor(samples, device=device)
     pos = torch.tensor([positions[i] for i in samples], device=device)
-    cos, sin = rope_cos_sin(torch.arange(T, device=device)[None], model.config.head_dim, model.config.rope_theta)
+    layer_inputs = model.attention_inputs(torch.arange(T, device=device)[None])  # (cos, sin, mask) per block
 
     # the unpatched target run, with every block's output kept: the parent of every single-layer set
-    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), cos, sin)[1]
+    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), layer_inputs)[1]
     resid: dict[LayerSet, dict[int, Tensor]] = {(): {k: out for k, out in target_outputs.items()}}
     budget = _row_budget(model, T)
     for size in sorted(tree):
@@ -287,7 +287,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
                 x0[torch.arange(m, device=device), pos] = src_vecs[sample_idx, node[-1]]  # ... with one position patched
                 starts.append((node[-1] + 1, x0))
             keep = sorted({k for node in chunk for k in nodes[node]})  # blocks the children start after
-            logits, outputs = _staggered(model, starts, keep, cos, sin, logits_at=T - 1)
+            logits, outputs = _staggered(model, starts, keep, layer_inputs, logits_at=T - 1)
             logit, rank = answer_rank(logits, answers[sample_idx].repeat(len(chunk)), consume=True)
             for j, node in enumerate(chunk):
                 rows = slice(j * m, (j + 1) * m)
@@ -300,7 +300,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
         resid = next_resid
 
 
-def _staggered(model, starts, keep, cos, sin, logits_at=None):
+def _staggered(model, starts, keep, layer_inputs, logits_at=None):
     """Run rows that start at different blocks in one pass over the blocks: `starts` is a list of
     (first block, residual [m, T, d] entering it), sorted by first block; each joins the batch when its first block
     comes. Returns (logits [rows, V] at `logits_at` or None, {block k in keep: output of block k for the rows that
@@ -317,7 +317,7 @@ def _staggered(model, starts, keep, cos, sin, logits_at=None):
             joined += 1
         if new:
             active = torch.cat(([active] if active is not None else []) + new)
-        active = model.blocks[layer](active, cos, sin, None, None)
+        active = model.blocks[layer](active, *layer_inputs[layer], None)
         if layer in keep:
             outputs[layer] = active  # a fresh tensor per block: kept by reference, no copy
     rest = [x for _, x in starts[joined:]]  # rows patched at the last block run no block at all

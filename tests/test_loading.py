@@ -88,7 +88,7 @@ def test_wrong_model_type(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
     cfg["model_type"] = "llama"
     (checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(OlmoIVError, match="model_type='llama'.*OLMo-2 only"):
+    with pytest.raises(OlmoIVError, match="model_type='llama'.*OLMo-2 and OLMo-3 only"):
         olmo_iv.load(checkpoint)
 
 
