@@ -135,7 +135,7 @@ class ModelConfig:
         "eos_token_id": "eos_token_id",
         "pad_token_id": "pad_token_id",
     }
-    RoPE_AND_LAYER_FIELDS = ("rope_theta", "rope_parameters", "rope_scaling", "layer_types", "sliding_window")
+    ROPE_AND_LAYER_FIELDS = ("rope_theta", "rope_parameters", "rope_scaling", "layer_types", "sliding_window")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -156,7 +156,7 @@ class ModelConfig:
             if isinstance(kwargs.get(key), list):  # some configs list several
                 kwargs[key] = kwargs[key][0]
 
-        params = {k: v for k, v in (cfg.get("rope_parameters") or {}).items()}
+        params = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or {}
         if any(k in params for k in ATTENTION_TYPES):
             per_type = {k: dict(v) for k, v in params.items() if k in ATTENTION_TYPES and v}
@@ -170,9 +170,9 @@ class ModelConfig:
             if "type" in p:  # the pre-v4.45 spelling
                 p.setdefault("rope_type", p.pop("type"))
         thetas = [p["rope_theta"] for p in per_type.values() if p.get("rope_theta") is not None]
-        theta = (
-            cfg.get("rope_theta") if cfg.get("rope_theta") is not None else (thetas[0] if thetas else None)
-        )
+        theta = cfg.get("rope_theta")
+        if theta is None and thetas:
+            theta = thetas[0]
         if theta is None:
             raise OlmoIVError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
         layers: dict[str, Any] = {}
@@ -190,7 +190,7 @@ class ModelConfig:
                 "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)
             ]
             layers["sliding_window"] = cfg.get("sliding_window", 4096)
-        skip = set(cls.HF_FIELDS) | set(cls.RoPE_AND_LAYER_FIELDS) | {"model_type"}
+        skip = set(cls.HF_FIELDS) | set(cls.ROPE_AND_LAYER_FIELDS) | {"model_type"}
         extra = {k: v for k, v in cfg.items() if k not in skip}
         return cls(
             rope_theta=float(theta),
@@ -204,7 +204,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The config.json that transformers' Olmo2ForCausalLM / Olmo3ForCausalLM reads back."""
         ours = asdict(self)
-        cfg = {k: v for k, v in self.extra.items() if k not in self.RoPE_AND_LAYER_FIELDS}
+        cfg = {k: v for k, v in self.extra.items() if k not in self.ROPE_AND_LAYER_FIELDS}
         cfg.update({hf: ours[o] for hf, o in self.HF_FIELDS.items() if ours[o] is not None})
         cfg.update(
             model_type=self.model_type,
@@ -236,17 +236,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.hooks, self.scale_name = (
-            hooks,
-            name,
-        )  # the model's registry, by reference; name of the scale hook
+        self.hooks = hooks  # the model's registry, by reference (None: no hook point, as in the QK-norms)
+        self.scale_name = name
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.float()
         inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if (
-            self.hooks and self.scale_name in self.hooks
-        ):  # exposed as TransformerLens does: sqrt(mean(x^2) + eps)
+        # the scale hook sees what TransformerLens calls the scale: sqrt(mean(x^2) + eps)
+        if self.hooks and self.scale_name in self.hooks:
             scale = 1.0 / inv
             new = run_hooks(self.hooks, self.scale_name, scale)
             if new is not scale:
@@ -437,7 +434,8 @@ def causal_mask(t_new: int, t_all: int, device: torch.device) -> Tensor:
 
 
 class OLMo2(HookedMixin, nn.Module):
-    """OLMo-2 or OLMo-3 causal LM (config.model_type). `model(ids)` returns logits; see `forward` for positions, padding and partial runs."""
+    """OLMo-2 or OLMo-3 causal LM (config.model_type). `model(ids)` returns logits; see `forward` for positions,
+    padding and partial runs."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
