@@ -225,10 +225,9 @@ def load(
     files = weight_files(folder)
     wanted = {hf_name(name): name for name in expected}
     if cfg.tie_word_embeddings and "lm_head.weight" not in files:
-        wanted.pop("lm_head.weight")
+        wanted.pop("lm_head.weight")  # tied: lm_head is the embedding
     missing = sorted(set(wanted) - set(files))
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(set(files) - set(wanted) - ignorable)
+    unexpected = sorted(set(files) - set(wanted))
     if missing or unexpected:
         raise OlmoIVError(
             f"{folder} does not match its config.json ({cfg.n_layers} layers): "
