@@ -45,8 +45,8 @@ def test_parity_bf16(tmp_path):
     ref, _ = hf_layer_outputs(hf, ids)
     ours = model(ids)
     assert ours.dtype == torch.bfloat16
-    # Stated tolerance: bf16 carries ~3 significant digits; logits here are O(1). Same op order as HF, so the
-    # observed difference is 0 on CPU; allow one bf16 ulp at the logits' scale for other kernels.
+    # Stated tolerance: bf16 carries ~3 significant digits; logits here are O(1). The ops are HF's, but its SDPA
+    # call takes another CPU kernel path (attention outputs differ by ~1e-5), which grows to ~1e-2 at the logits.
     assert (ours.float() - ref.float()).abs().max() <= 2e-2
 
 
