@@ -14,6 +14,7 @@ on what it is batched with. The forward stops after the last block it needs; the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -45,6 +46,25 @@ def answer_rank(logits: Tensor, answers: Tensor, *, consume: bool = False) -> tu
 
 class NonFiniteError(OlmoIVError):
     """Activations or logits are NaN or infinite: the result would be meaningless."""
+
+
+def locate_nonfinite(model, seqs: Sequence[Sequence[int]] | Tensor, what: str) -> NoReturn:
+    """Raise a NonFiniteError that names the first hook point, in forward order, where the run of one of `seqs`
+    turns NaN or infinite (the model's `check_finite`; for float16 it suggests bfloat16 or float32). Analyses call
+    this when they find non-finite `what` (logits, activations): the checked forward costs one extra pass."""
+    for seq in seqs:
+        ids = torch.as_tensor(seq, dtype=torch.long).reshape(1, -1).to(model.device)
+        try:
+            with torch.no_grad(), model.check_finite():
+                model(ids)
+        except NonFiniteError:
+            raise
+        except OlmoIVError as err:
+            if "non-finite" not in str(err):
+                raise
+            raise NonFiniteError(f"non-finite {what}: {err}") from None
+    raise NonFiniteError(f"non-finite {what}, although a checked forward of each input is finite: the NaN or inf "
+                         "comes from the intervention itself (a patched value or a hook's output)")
 
 
 def _hook_names(model, hook: str, layers: Sequence[int] | None) -> tuple[list[int], list[str]]:
@@ -145,6 +165,9 @@ def extract(
         if progress is not None:
             progress("activations", len(batch), len(rows))
     assert out is not None
+    if not bool(torch.isfinite(out).all()):
+        bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero()[:, 0].tolist()
+        locate_nonfinite(model, [rows[i] for i in bad[:4]], f"activations at {hook}")
     return out
 
 

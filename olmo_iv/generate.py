@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from olmo_iv.activations import locate_nonfinite
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.model import KVCache, OLMo2
 from olmo_iv.progress import ProgressFn
@@ -86,6 +87,9 @@ def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens:
             logits = model(step_ids, attention_mask=mask, kv_cache=cache, logits_at=-1)
         else:  # the straightforward path: recompute the whole sequence every step
             logits = model(ids, attention_mask=mask, logits_at=-1)
+        if not bool(torch.isfinite(logits[~done]).all()):  # argmax of NaN logits is a silent wrong token
+            bad = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
+            locate_nonfinite(model, [rows[i] for i in bad[:2]], "logits in generation")
         # argmax returns the first maximum, as torch.argmax in transformers' greedy search does
         nxt = logits.argmax(-1)
         new.append(nxt)

@@ -235,9 +235,9 @@ def test_score_task_golden():
     assert [r.em_reference for r in rows] == [False, True, False, False]
     assert [r.em_faithful for r in rows] == [True, True, False, False]
     assert [r.judge for r in rows] == [True, True, False, False]
-    assert [r.in_options for r in rows] == [False] * 4  # adjective tasks have no options: the reference scores 0
+    assert [r.in_options for r in rows] == [None] * 4  # adjective tasks have no options: no option score, not 0
     assert (s.n, s.em, s.em_reference, s.em_faithful, s.option_ia, s.judge_ia, s.ia, s.ia_source) == (
-        4, 25.0, 25.0, 50.0, 0.0, 50.0, 50.0, "judge:rules")
+        4, 25.0, 25.0, 50.0, None, 50.0, 50.0, "judge:rules")
     _, f = ev.score_task("adjectives/adj_comp", samples, gens, mode="faithful")
     assert (f.em, f.option_ia, f.ia) == (50.0, None, 50.0)  # faithful: no options, no option score
 
@@ -301,7 +301,10 @@ def test_run_eval_files_numbers_and_resume(tmp_path, checkpoint, monkeypatch):
         assert [p["gold"] for p in per] == [d.answer for d in data]
         for key in ("em_reference", "em_faithful"):
             assert row[key] == 100 * sum(p[key] == "True" for p in per) / 6
-        assert row["option_ia"] == 100 * sum(p["in_options"] == "True" for p in per) / 6
+        if any(p["in_options"] for p in per):
+            assert row["option_ia"] == 100 * sum(p["in_options"] == "True" for p in per) / 6
+        else:  # a task without options has no option IA (empty, not 0)
+            assert row["option_ia"] is None
         assert [p["answer_reference"] for p in per] == [ev.postprocess_reference(g, row["task"]) for g in expect]
     meta = json.loads((out / "summary.json").read_text())
     assert meta["settings"]["max_new_tokens"] == 4 and meta["settings"]["judge"] == "rules"
@@ -331,7 +334,8 @@ def test_cli_with_http_judge(tmp_path, checkpoint, stub):
 
     server = stub(lambda body: completion("yes"))
     args = ["eval", "--model", checkpoint, "--task", "adj_ant", "--samples", "5", "--max-new-tokens", "3",
-            "--judge", "http", "--judge-url", server.url, "--judge-model", "stub-judge", "--out", str(tmp_path)]
+            "--judge", "http", "--judge-url", server.url, "--judge-model", "stub-judge", "--mode", "reference",
+            "--out", str(tmp_path)]
     result = CliRunner().invoke(_typer_app, args)
     assert result.exit_code == 0, result.output
     assert "adj_ant" in result.output and "100.0" in result.output

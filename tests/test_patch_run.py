@@ -105,4 +105,9 @@ def test_cli(tmp_path, checkpoint):
                                              "--samples", "3", "--layers", "1", "--mode", "reference",
                                              "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
-    assert "top-10 by mean rr_diff" in result.output and (tmp_path / "c" / "patching.csv").exists()
+    assert "Where do the instruction vectors live?" in result.output and "anim_color: layers" in result.output
+    assert "top-10 by mean rr_diff" not in result.output and (tmp_path / "c" / "patching.csv").exists()
+    tables = CliRunner().invoke(_typer_app, ["patch", "--model", checkpoint, "--task", "animals/anim_color",
+                                             "--samples", "3", "--layers", "1", "--mode", "reference", "--tables",
+                                             "--out", str(tmp_path / "c"), "--overwrite"])
+    assert tables.exit_code == 0 and "top-10 by mean rr_diff" in tables.output

@@ -169,7 +169,9 @@ def test_sources_threshold_and_memory_guard(tiny_model):
     assert len(r.tokens) == sum(r.total) and set(r.tokens[:, 0].tolist()) == {5, 6, 7}
     assert P.parse_sources("all", 4) == [0, 1, 2, 3]
     assert P.parse_sources("1:-1", 5) == [1, 2, 3]
-    assert P.parse_sources("3,1,-1,9", 5) == [1, 3, 4]
+    assert P.parse_sources("3,1,-1", 5) == [1, 3, 4]
+    with pytest.raises(OlmoIVError, match="position 9 is outside a prompt of 5 tokens"):
+        P.parse_sources("3,9", 5)  # a source that does not exist is an error, not zero paths
     with pytest.raises(OlmoIVError, match="max_paths"):
         P.trace(tiny_model, ids, 17, P.PathConfig(max_paths=3))
     with pytest.raises(OlmoIVError, match="path mode"):
@@ -233,7 +235,7 @@ def test_cli_run_writes_resumes_and_checks_settings(tmp_path, tiny_checkpoint):
     olmo_iv.save(model, tmp_path / "model")
     out = tmp_path / "run"
     args = ["paths", "--model", str(tmp_path / "model"), "--task", "adjectives/adj_comp", "--samples", "2",
-            "--mode", "masked_heads", "--threshold", "150", "--sources", "6:", "--out", str(out)]
+            "--trace", "masked_heads", "--mode", "reference", "--threshold", "150", "--sources", "6:", "--out", str(out)]
     runner = CliRunner()
     res = runner.invoke(_typer_app, args)
     assert res.exit_code == 0, res.output

@@ -435,7 +435,7 @@ def test_cli_show(tok_dir):
     assert r.exit_code == 0, r.output
     assert "T_inst=19 sentence ends=[11, 19]" in r.output and "Animal: bear. Answer:" in r.output
     assert "0 of 2 labels span several tokens" in r.output
-    r = _cli("adj_comp", "--tokenizer", str(tok_dir), "--samples", "3", "--json")
+    r = _cli("adj_comp", "--tokenizer", str(tok_dir), "--samples", "3", "--json", "--mode", "reference")
     rows = json.loads(r.output)
     need = {
         "task",

@@ -21,6 +21,7 @@ the baseline of benchmarks/bench_paths.py.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from olmo_iv.activations import answer_rank
+from olmo_iv.activations import answer_rank, locate_nonfinite
 from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.kernels import norm_scale, path_step
 from olmo_iv.model import OLMo2
@@ -66,7 +67,8 @@ class PathConfig:
         check_range("chunk", self.chunk, 1)
         check_range("readout_chunk", self.readout_chunk, 1)
         check_range("max_paths", self.max_paths, 1)
-        parse_sources(self.sources, 10**9)  # raises on a malformed spec
+        if not re.fullmatch(r"all|-?\d*:-?\d*|-?\d+(,-?\d+)*", self.sources.strip().replace(" ", "")):
+            raise OlmoIVError(f"sources={self.sources!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'")
 
     def source_positions(self, n_tokens: int) -> list[int]:
         return parse_sources(self.sources, n_tokens)
@@ -144,6 +146,9 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     with torch.no_grad(), model.hooks(hooks):
         logits = model(ids[None], logits_at=ids.numel() - 1)[0]
 
+    if not all(bool(torch.isfinite(t).all()) for t in [logits, *(v for v in store.values() if isinstance(v, Tensor))]):
+        locate_nonfinite(model, [ids], "activations in path tracing")
+
     def layers(short: str) -> Tensor:
         return torch.stack([store[f"blocks.{layer}.{short}"] for layer in range(L)])  # type: ignore[misc]
 
@@ -170,10 +175,10 @@ class Surrogates:
 def linearize(model: OLMo2, obs: Observation) -> Surrogates:
     eps, blocks = model.config.rms_norm_eps, model.blocks
     with torch.no_grad():
-        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn, eps) for i, b in enumerate(blocks)])
-        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp, eps) for i, b in enumerate(blocks)])
+        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn.weight, eps) for i, b in enumerate(blocks)])
+        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp.weight, eps) for i, b in enumerate(blocks)])
         act = F.silu if model.config.hidden_act == "silu" else F.relu
-        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final, eps)[0]
+        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final.weight, eps)[0]
         return Surrogates(s_att, s_mlp, act(obs.gate), s_fin)
 
 

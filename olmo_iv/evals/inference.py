@@ -390,9 +390,9 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
                judge: Judge | None = None) -> tuple[list[SampleScore], TaskScore]:
     """Score generations against samples (objects with .clean, .answer, .instruction, optional .query).
 
-    reference mode: option IA with the reference's options ([] for the adjective tasks gives 0); IA from the
-    judge for every task but anim_color/can_fly, whose IA is the option score (§11.16).
-    faithful mode: option IA only where the task has options; IA from the judge for every task.
+    Option IA exists only where the task has options (the reference scores 0 for the adjective tasks, which have
+    none; that 0 is no measurement, so it is left empty here). reference mode: IA from the judge for every task
+    but anim_color/can_fly, whose IA is the option score (§11.16). faithful mode: IA from the judge everywhere.
     """
     _check_mode(mode)
     if len(samples) != len(generations):
@@ -401,7 +401,6 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
         raise OlmoIVError(f"task {task!r} has no samples to score")
     judge = judge if judge is not None else RuleJudge()
     options = task_options(task)
-    use_options = mode == "reference" or bool(options)
     use_judge = not (mode == "reference" and short_name(task) in REFERENCE_OPTION_IA)
     rows = []
     for i, (s, gen) in enumerate(zip(samples, generations, strict=True)):
@@ -413,7 +412,7 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
             answer_reference=a_ref, answer_faithful=a_fai,
             em_reference=a_ref == gold_label(s.answer, task, "reference"),
             em_faithful=a_fai == gold_label(s.answer, task, "faithful"),
-            in_options=(answer in options) if use_options else None,
+            in_options=(answer in options) if options else None,
             judge=judge.judge(task, s.instruction, answer, query=query) if use_judge else None,
         ))
     em_ref, em_fai = _pct([r.em_reference for r in rows]), _pct([r.em_faithful for r in rows])

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from olmo_iv.activations import answer_rank, extract
+from olmo_iv.activations import NonFiniteError, answer_rank, extract, locate_nonfinite
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.model import OLMo2, rope_cos_sin
+from olmo_iv.model import OLMo2
 from olmo_iv.progress import ProgressFn
 
 LayerSet = tuple[int, ...]
@@ -208,7 +208,20 @@ def patch_layers(
     sources, targets (and cleans): lists of 1-D token-id tensors, one per sample; answers: one token id each;
     layer_sets: tuples of layer indices ((l, l) is the single layer l). `target_pos` may differ per sample.
     `progress("patched rows", advance, total)` is called as (sample, layer set) rows finish.
+    Non-finite logits anywhere are an error that names the first hook point where they appear.
     """
+    try:
+        return _patch_layers(model, sources, targets, answers, layer_sets, source_pos=source_pos,
+                             target_pos=target_pos, max_rank=max_rank, rr_sentinel=rr_sentinel, cleans=cleans,
+                             progress=progress)
+    except NonFiniteError as err:
+        if "first appear at" in str(err):
+            raise
+        locate_nonfinite(model, [*(cleans or [])[:2], *sources[:2], *targets[:2]], "logits in patching")
+
+
+def _patch_layers(model, sources, targets, answers, layer_sets, *, source_pos, target_pos, max_rank, rr_sentinel,
+                  cleans, progress) -> PatchResult:
     L, device = model.config.n_layers, model.device
     n = len(targets)
     if not (len(sources) == len(answers) == n) or (cleans is not None and len(cleans) != n):
@@ -268,10 +281,10 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
     ids = torch.stack([targets[i] for i in samples])  # [m, T]
     sample_idx = torch.tensor(samples, device=device)
     pos = torch.tensor([positions[i] for i in samples], device=device)
-    cos, sin = rope_cos_sin(torch.arange(T, device=device)[None], model.config.head_dim, model.config.rope_theta)
+    layer_inputs = model.attention_inputs(torch.arange(T, device=device)[None])  # (cos, sin, mask) per block
 
     # the unpatched target run, with every block's output kept: the parent of every single-layer set
-    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), cos, sin)[1]
+    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), layer_inputs)[1]
     resid: dict[LayerSet, dict[int, Tensor]] = {(): {k: out for k, out in target_outputs.items()}}
     budget = _row_budget(model, T)
     for size in sorted(tree):
@@ -285,7 +298,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
                 x0[torch.arange(m, device=device), pos] = src_vecs[sample_idx, node[-1]]  # ... with one position patched
                 starts.append((node[-1] + 1, x0))
             keep = sorted({k for node in chunk for k in nodes[node]})  # blocks the children start after
-            logits, outputs = _staggered(model, starts, keep, cos, sin, logits_at=T - 1)
+            logits, outputs = _staggered(model, starts, keep, layer_inputs, logits_at=T - 1)
             logit, rank = answer_rank(logits, answers[sample_idx].repeat(len(chunk)), consume=True)
             for j, node in enumerate(chunk):
                 rows = slice(j * m, (j + 1) * m)
@@ -298,7 +311,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
         resid = next_resid
 
 
-def _staggered(model, starts, keep, cos, sin, logits_at=None):
+def _staggered(model, starts, keep, layer_inputs, logits_at=None):
     """Run rows that start at different blocks in one pass over the blocks: `starts` is a list of
     (first block, residual [m, T, d] entering it), sorted by first block; each joins the batch when its first block
     comes. Returns (logits [rows, V] at `logits_at` or None, {block k in keep: output of block k for the rows that
@@ -315,7 +328,7 @@ def _staggered(model, starts, keep, cos, sin, logits_at=None):
             joined += 1
         if new:
             active = torch.cat(([active] if active is not None else []) + new)
-        active = model.blocks[layer](active, cos, sin, None, None)
+        active = model.blocks[layer](active, *layer_inputs[layer], None)
         if layer in keep:
             outputs[layer] = active  # a fresh tensor per block: kept by reference, no copy
     rest = [x for _, x in starts[joined:]]  # rows patched at the last block run no block at all

@@ -190,14 +190,12 @@ def finish(store: RunStore, settings: PatchSettings, order: list[str], timings: 
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "timings_s": timings,
                "verdict_confidence": VERDICT_CONFIDENCE, "verdict": verdict(table), "top10": top10(table),
                "files": ["patching.csv", "summary.json"]}
-    for metric, label in (("rr_diff", "mean RR difference (patched - target)"),
-                          ("logit_diff", "mean logit difference (patched - target)")):
+    for metric, label in (("rr_diff", "mean RR difference (patched - query alone)"),
+                          ("logit_diff", "mean logit difference (patched - query alone)")):
         for pos in settings.target_pos:
-            panels = heatmap_panels(table, metric, pos)
-            if panels:
-                fig = figures.pair_heatmaps(panels, label=label, title=f"{metric}, {settings.mode} mode, target "
-                                            f"position {pos}, {settings.samples} samples")
-                summary["files"] += [p.name for p in store.save_figure(f"heatmap_{metric}_pos{slug(pos)}", fig)]
+            fig = patching_figure(table, metric, pos, label=label,
+                                  title=f"{settings.mode} prompts, patched at {pos}, {settings.samples} samples per task")
+            summary["files"] += [p.name for p in store.save_figure(f"heatmap_{metric}_pos{slug(pos)}", fig)]
     from olmo_iv.io import versions
 
     summary["versions"] = versions()
@@ -259,6 +257,20 @@ def top10(table: dict[str, np.ndarray]) -> list[dict]:
             out.append({"model": m, "task": t, "target_pos": p, "metric": metric,
                         "top": [{"layers": k, "mean": round(v, 6)} for k, v in best]})
     return out
+
+
+def patching_figure(table: dict[str, np.ndarray], metric: str, pos: str, *, label: str, title: str):
+    """The figure a grid calls for: L x L heatmaps for pairs, a per-layer profile for single layers, and the best
+    sets as bars for triples or explicit sets (which have no square picture)."""
+    means = {(m, t): v for (m, t, p), v in _means(table, metric).items() if p == pos}
+    sizes = {len(parse_layers(k)) for v in means.values() for k in v}
+    if sizes == {1}:
+        profile = {key: {parse_layers(k)[0]: v for k, v in by.items()} for key, by in means.items()}
+        return figures.layer_profile(profile, title=title, label=label)
+    if sizes <= {1, 2} and any(len(by) > 1 for by in means.values()):
+        return figures.pair_heatmaps(heatmap_panels(table, metric, pos), title=title, label=label)
+    best = {key: sorted(by.items(), key=lambda kv: -kv[1])[:10] for key, by in means.items()}
+    return figures.top_sets(best, title=f"{title}: the 10 best layer sets", label=label)
 
 
 def heatmap_panels(table: dict[str, np.ndarray], metric: str, pos: str) -> dict[tuple[str, str], np.ndarray]:
