@@ -16,7 +16,7 @@ from rich.markup import escape
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.runs.store import RunFinished
 
-_PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b)?")
+_PARAM = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)=(True\b)?")
 
 
 def as_flags(message: str) -> str:

@@ -212,7 +212,9 @@ def register_tasks_file(path: str | os.PathLike) -> list[Task]:
     are read from the JSON file's folder."""
     path = Path(path).expanduser()
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise OlmoIVError(f"task file {path} is not UTF-8 text: save it as UTF-8") from None
     except FileNotFoundError as err:
         raise OlmoIVError(f"task file {path} does not exist") from err
     except json.JSONDecodeError as err:
@@ -241,7 +243,11 @@ def _rows(task: Task) -> tuple[tuple[int, str, str], ...]:
     path = task.data_path
     if not path.is_file():
         raise OlmoIVError(f"task {task.name!r}: data file {path} does not exist")
-    rows = _csv_rows(task, path) if task.kind == "csv" else _bigbench_rows(task, path)
+    try:
+        rows = _csv_rows(task, path) if task.kind == "csv" else _bigbench_rows(task, path)
+    except UnicodeDecodeError as err:
+        raise OlmoIVError(f"task {task.name!r}: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "save it as UTF-8") from None
     if not rows:
         raise OlmoIVError(f"task {task.name!r}: {path} holds no samples")
     return rows
