@@ -38,6 +38,9 @@ def test_thread_calibration(monkeypatch):
         torch.set_num_threads(2)
         chosen = auto_cpu_threads()
         assert chosen in (1, 2) and torch.get_num_threads() == chosen
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two vCPUs: one thread, without a timing gamble
+        torch.set_num_threads(2)
+        assert auto_cpu_threads() == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting is respected, not measured
         torch.set_num_threads(2)
         assert auto_cpu_threads() == 2
