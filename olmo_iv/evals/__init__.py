@@ -1,0 +1,1 @@
+"""Evaluations of model outputs that run offline (IFEval)."""
