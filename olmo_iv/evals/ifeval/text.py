@@ -18,7 +18,7 @@ docs/ifeval.md lists every place where a count may differ from the official one.
 from __future__ import annotations
 
 import re
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 _WORD = re.compile(r"\w+")
@@ -39,11 +39,18 @@ def _sentence_tokenizer() -> Any:
 
 def split_sentences(text: str) -> list[str]:
     """Punkt sentences with NLTK's English model (what `nltk.sent_tokenize(text)` returns)."""
-    return _sentence_tokenizer().tokenize(text)
+    return list(_sentences(text))
+
+
+# Loose scoring tries up to 8 texts per instruction, and several instructions of a prompt see the same texts:
+# the two costly analyses are cached per text.
+@lru_cache(maxsize=4096)
+def _sentences(text: str) -> tuple[str, ...]:
+    return tuple(_sentence_tokenizer().tokenize(text))
 
 
 def count_sentences(text: str) -> int:
-    return len(split_sentences(text))
+    return len(_sentences(text))
 
 
 # --- word tokens: the Penn Treebank conventions of NLTK's word tokenizer --------------------------------------
@@ -103,7 +110,7 @@ def word_tokens(text: str) -> list[str]:
     """Treebank-style tokens of each Punkt sentence (what `nltk.word_tokenize(text)` returns, up to quote rewriting):
     punctuation split off (a period only at the end of a sentence, commas and colons not inside numbers),
     contractions split ("DON'T" -> "DO", "N'T"), hyphens, slashes and inner periods kept inside words."""
-    return [token for sentence in split_sentences(text) for token in _treebank_tokens(sentence)]
+    return [token for sentence in _sentences(text) for token in _treebank_tokens(sentence)]
 
 
 def count_capital_words(text: str) -> int:
@@ -122,6 +129,7 @@ def _language_factory() -> Any:
     return factory
 
 
+@lru_cache(maxsize=4096)
 def detect_language(text: str) -> str | None:
     """langdetect's language code for `text` (e.g. "en"), or None when langdetect cannot read it (no letters):
     the official checkers count that as a pass."""
@@ -133,3 +141,9 @@ def detect_language(text: str) -> str | None:
         return detector.detect()
     except LangDetectException:
         return None
+
+
+def clear_caches() -> None:
+    """Forget the per-text results (not the loaded models), e.g. to time scoring again on the same texts."""
+    _sentences.cache_clear()
+    detect_language.cache_clear()
