@@ -65,14 +65,15 @@ _OPENING: _SUB = [
     # an opening single quote before a word, unless the word is a contraction's tail ('s, 're, 't ...)
     (re.compile(r"(?i)(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)"), "' "),
 ]
-_FINAL_PERIOD = (re.compile(r"([^.])(\.)([\]\)}>\"']*)\s*$"), r"\1 \2 \3 ")  # only the sentence's last period
+# Only the sentence's last period is split off, with any closing brackets and quotes after it (spaces allowed).
+_FINAL_PERIOD = (re.compile(r"([^.])(\.)([\]\)}>\"'»”’ ]*)\s*$"), r"\1 \2 \3 ")
 _PUNCTUATION: _SUB = [
     _FINAL_PERIOD,
     (re.compile(r"([:,])([^\d])"), r" \1 \2"),                      # comma or colon, except inside numbers
     (re.compile(r"([:,])$"), r" \1 "),
     (re.compile(r"\.{2,}"), r" \g<0> "),                            # an ellipsis
     (re.compile(r"[;@#$%&]"), r" \g<0> "),
-    _FINAL_PERIOD,
+    (re.compile(r"([^.])(\.)([\]\)}>\"']*)\s*$"), r"\1 \2 \3 "),
     (re.compile(r"[?!]"), r" \g<0> "),
     (re.compile(r"([^'])' "), r"\1 ' "),                            # a closing single quote
     (re.compile(r"[*]"), r" \g<0> "),
@@ -84,20 +85,21 @@ _CLOSING: _SUB = [
     (re.compile(r"([»”’])"), r" \1 "),                              # typographic closing quotes
     (re.compile(r"''"), " '' "),
     (re.compile(r'"'), " '' "),
-    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r"\1 \2 "),     # 's 'm 'd and a bare closing quote
-    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 "),
+    # 's 'm 'd and a bare closing quote, then 'll 're 've n't, each before any whitespace
+    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|')(?=\s)"), r"\1 \2 "),
+    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T)(?=\s)"), r"\1 \2 "),
 ]
-# Words the Treebank splits in two: cannot, d'ye, gimme, gonna, gotta, lemme, more'n, wanna. ('tis and 'twas lose
-# their quote to the opening-quote rule first.)
+# Words the Treebank splits in two: cannot, d'ye, gimme, gonna, gotta, lemme, more'n, wanna, and 'tis and 'twas
+# after a space (a 'tis that opens a word has already lost its quote to the opening-quote rule).
 _SPLIT_WORDS: _SUB = [
     (re.compile(pattern, re.IGNORECASE), r" \1 \2 ")
     for pattern in (r"\b(can)(not)\b", r"\b(d)('ye)\b", r"\b(gim)(me)\b", r"\b(gon)(na)\b", r"\b(got)(ta)\b",
-                    r"\b(lem)(me)\b", r"\b(more)('n)\b", r"\b(wan)(na)(?=\s)")
+                    r"\b(lem)(me)\b", r"\b(more)('n)\b", r"\b(wan)(na)(?=\s)", r" ('t)(is)\b", r" ('t)(was)\b")
 ]  # fmt: skip
 
 
 def _treebank_tokens(sentence: str) -> list[str]:
-    text = re.sub(r"\s", " ", sentence)  # only boundaries matter, and the rules below look for spaces
+    text = sentence
     for pattern, repl in _OPENING + _PUNCTUATION:
         text = pattern.sub(repl, text)
     text = " " + text + " "  # so that a contraction at the very end is followed by a space
