@@ -58,11 +58,47 @@ def load_official() -> types.SimpleNamespace:
     return types.SimpleNamespace(utils=utils, util=importlib.import_module("lm_eval.tasks.ifeval.instructions_util"))
 
 
+# Pieces for the splitter fuzz: contractions, initials, abbreviations, quotes of every kind, brackets, dashes,
+# bullets, numbers; joined at random with spaces, newlines or nothing.
+FUZZ_PIECES = ["HELLO", "World", "I", "a", "DON'T", "can't", "CANNOT", "U.S.", "e.g.", "WELL-KNOWN", "AND/OR",
+               "JOHN'S", "'TIS", "GONNA", "wanna", "1,000", "3:30", ",", ".", "...", "!", "?", ";", ":", "(", ")",
+               "[", "]", '"', "'", "--", "*", "**BOLD**", "#", "$", "%", "&", "@", "<<TITLE>>", "\n", "\n\n", " ",
+               "I'M", "YOU'LL", "THEY'RE", "\u201cQUOTE\u201d", "\u2018SINGLE\u2019", "\u00abX\u00bb", "\u2026",
+               "Mr.", "DR.", "P.S.", "USA-based", "x,Y", "A,B", "OK.", "NO!", "'HELLO'", "don't", "O'NEIL",
+               "rock'n'roll", "IT'S", "'S", "WE'D", "`", "``", "''", "{", "}", "CAN'T.", "\u2014", "\u2013", "/",
+               "AI:", "MORE'N", "D'YE", "GIMME", "LEMME", "GOTTA", "'TWAS", "\u00e9COLE", "\u00c9COLE", "1.5", "v2.0",
+               "A.", "B)", "1)", "10%"]  # fmt: skip
+
+
+def fuzz_splitters(n: int, seed: int) -> dict[str, int]:
+    """Our sentence splitter and word tokens against NLTK's on `n` random adversarial strings."""
+    import nltk
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    from olmo_iv.evals.ifeval import text
+
+    treebank = NLTKWordTokenizer()
+    rng = random.Random(seed)
+    out = Counter()
+    for _ in range(n):
+        pieces = [rng.choice(FUZZ_PIECES) for _ in range(rng.randint(1, 12))]
+        s = "".join(p + rng.choice([" ", " ", "", "\n"]) for p in pieces)
+        theirs = nltk.sent_tokenize(s)
+        official = sum(w.isupper() for sentence in theirs for w in treebank.tokenize(sentence))
+        same_sentences = sum(w.isupper() for sentence in theirs for w in text._treebank_tokens(sentence))
+        out["strings"] += 1
+        out["sentences_differ"] += theirs != text.split_sentences(s)
+        out["capital_count_differs"] += official != text.count_capital_words(s)
+        out["capital_count_differs_given_nltk_sentences"] += official != same_sentences
+    return dict(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nltk-data", type=Path, required=True)
     parser.add_argument("--per-prompt", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fuzz", type=int, default=20000, help="adversarial strings for the splitter fuzz")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ifeval-agreement.json")
     args = parser.parse_args()
 
@@ -119,6 +155,7 @@ def main() -> None:
         result[mode] = {"verdicts": total, "agree": agree[mode]["same"], "agreement": agree[mode]["same"] / total,
                         "disagree_outside_random_letter": diff_other,
                         "per_instruction": {k: dict(v) for k, v in sorted(per_id[mode].items())}}  # fmt: skip
+    result["splitter_fuzz"] = {f"seed {seed}": fuzz_splitters(args.fuzz, seed) for seed in (1, 2)}
     result["disagreements"] = disagreements[:200]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -126,7 +163,7 @@ def main() -> None:
         r = result[mode]
         print(f"{mode}: {r['agree']}/{r['verdicts']} = {100 * r['agreement']:.3f}% "
               f"({r['disagree_outside_random_letter']} disagreements outside the random-letter prompts)")  # fmt: skip
-    print(f"splitters agree: {dict(splits)}; {seconds:.1f} s; wrote {args.out}")
+    print(f"splitters agree: {dict(splits)}; {seconds:.1f} s; fuzz: {result['splitter_fuzz']}; wrote {args.out}")
     for d in disagreements[:20]:
         print(d["mode"], d["key"], d["instruction_id"], d["kwargs"], "official", d["official"], "ours", d["ours"],
               repr(d["response"][:160]))  # fmt: skip
