@@ -76,6 +76,9 @@ def plot_summary(summary: dict[str, Any], png: str | os.PathLike, pdf: str | os.
             (f"instruction level (n={strict['instruction_level']['n']})", "instruction_level", None)]
     left += [(f"{c} (n={v['n']})", "by_category", c) for c, v in strict["by_category"].items()]
     right = [(f"{i.split(':')[1]} (n={v['n']})", "by_instruction", i) for i, v in strict["by_instruction"].items()]
+    # where a new category starts in the per-instruction panel (ids are sorted, so categories are contiguous)
+    categories = [i.split(":")[0] for i in strict["by_instruction"]]
+    starts = [k for k in range(len(categories)) if k == 0 or categories[k] != categories[k - 1]]
 
     def value(mode: dict[str, Any], kind: str, name: str | None) -> float:
         entry = mode[kind] if name is None else mode[kind][name]
@@ -103,10 +106,15 @@ def plot_summary(summary: dict[str, Any], png: str | os.PathLike, pdf: str | os.
         ax.set_axisbelow(True)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
+    for start, end in zip(starts, starts[1:] + [len(categories)]):  # a rule between categories, names outside
+        if start:
+            axes[1].axhline(start - 0.5, color="0.6", linewidth=0.6)
+        axes[1].text(110, (start + end - 1) / 2, categories[start], fontsize=7, color="0.3", ha="left",
+                     va="center", style="italic", clip_on=False)  # fmt: skip
     axes[0].legend(fontsize=7, loc="lower right", frameon=False)
     name = Path(str(summary.get("settings", {}).get("responses", "responses"))).name
     fig.suptitle(f"IFEval: {name} ({summary['n_prompts']} prompts, {summary['n_instructions']} instructions)",
                  fontsize=10)
-    fig.subplots_adjust(left=0.17, right=0.98, top=0.92, bottom=0.45 / (0.28 * len(right) + 1.6) + 0.03)
+    fig.subplots_adjust(left=0.17, right=0.87, top=0.92, bottom=0.45 / (0.28 * len(right) + 1.6) + 0.03)
     atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=200, format="png"))
     atomic_write(pdf, lambda tmp: fig.savefig(tmp, format="pdf"))
