@@ -114,60 +114,72 @@ def main() -> None:
 
     inputs = load_inputs()
     ours_inputs = {e.key: e for e in parse_inputs([(i, row) for i, row in enumerate(inputs, 1)])}
-    agree: dict[str, Counter] = {m: Counter() for m in ("strict", "loose")}
-    per_id: dict[str, dict[str, Counter]] = {m: defaultdict(Counter) for m in agree}
-    disagreements: list[dict] = []
-    splits = Counter()
-    t0 = time.perf_counter()
-    for n, (row, response) in enumerate(corpus(args.per_prompt, seed=args.seed, inputs=inputs)):
-        example = official.utils.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"],
-                                              prompt=row["prompt"], kwargs=row["kwargs"])  # fmt: skip
-        random.seed(n)  # lm-eval draws a random letter for a non-letter `letter`: make that reproducible
-        ref = {"strict": official.utils.test_instruction_following_strict(example, response),
-               "loose": official.utils.test_instruction_following_loose(example, response)}
-        mine = score_example(ours_inputs[row["key"]], response)
-        # how often do the splitters themselves agree on this corpus (diagnostics, not a filter)
-        splits["texts"] += 1
-        splits["sentences_equal"] += len(nltk.sent_tokenize(response)) == text.count_sentences(response)
-        splits["capitals_equal"] += (sum(w.isupper() for w in nltk.word_tokenize(response))
-                                     == text.count_capital_words(response))  # fmt: skip
-        for mode in agree:
-            for i, (instruction_id, a, b) in enumerate(zip(row["instruction_id_list"],
-                                                           ref[mode].follow_instruction_list, getattr(mine, mode))):  # fmt: skip
-                same = bool(a) == bool(b)
-                agree[mode]["same" if same else "different"] += 1
-                per_id[mode][instruction_id]["same" if same else "different"] += 1
-                per_id[mode][instruction_id]["official_pass"] += bool(a)
-                if not same:
-                    disagreements.append({"mode": mode, "key": row["key"], "instruction_id": instruction_id,
-                                          "kwargs": row["kwargs"][i], "official": bool(a), "ours": bool(b),
-                                          "response": response})  # fmt: skip
-    seconds = time.perf_counter() - t0
     # lm-eval replaces a `letter` that is not a-z by a random letter; we count the given symbol (google-research's
-    # current behaviour). Verdicts on those two prompts are reported apart.
+    # current behaviour). Verdicts on those prompts are reported apart.
     random_letter = {r["key"] for r in inputs for i, k in zip(r["instruction_id_list"], r["kwargs"])
                      if i == "keywords:letter_frequency" and not ("a" <= k["letter"].lower() <= "z")}  # fmt: skip
-    result = {"per_prompt": args.per_prompt, "seed": args.seed, "responses": splits["texts"], "seconds": seconds,
-              "splitters_agree": dict(splits), "random_letter_keys": sorted(random_letter)}  # fmt: skip
-    for mode in agree:
-        total = sum(agree[mode].values())
-        diff_other = sum(1 for d in disagreements if d["mode"] == mode and d["key"] not in random_letter)
-        result[mode] = {"verdicts": total, "agree": agree[mode]["same"], "agreement": agree[mode]["same"] / total,
-                        "disagree_outside_random_letter": diff_other,
-                        "per_instruction": {k: dict(v) for k, v in sorted(per_id[mode].items())}}  # fmt: skip
+
+    def compare(pairs) -> dict:
+        """Both implementations' verdicts on (input row, response) pairs, tallied per mode and instruction id."""
+        agree: dict[str, Counter] = {m: Counter() for m in ("strict", "loose")}
+        per_id: dict[str, dict[str, Counter]] = {m: defaultdict(Counter) for m in agree}
+        disagreements: list[dict] = []
+        splits = Counter()
+        for n, (row, response) in enumerate(pairs):
+            example = official.utils.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"],
+                                                  prompt=row["prompt"], kwargs=row["kwargs"])  # fmt: skip
+            random.seed(n)  # lm-eval's random letter (see above): reproducible
+            ref = {"strict": official.utils.test_instruction_following_strict(example, response),
+                   "loose": official.utils.test_instruction_following_loose(example, response)}  # fmt: skip
+            mine = score_example(ours_inputs[row["key"]], response)
+            # how often the splitters themselves agree on the corpus (a diagnostic, not a filter)
+            splits["texts"] += 1
+            splits["sentences_equal"] += len(nltk.sent_tokenize(response)) == text.count_sentences(response)
+            splits["capitals_equal"] += (sum(w.isupper() for w in nltk.word_tokenize(response))
+                                         == text.count_capital_words(response))  # fmt: skip
+            for mode in agree:
+                verdicts = zip(row["instruction_id_list"], ref[mode].follow_instruction_list, getattr(mine, mode))
+                for i, (instruction_id, a, b) in enumerate(verdicts):
+                    same = bool(a) == bool(b)
+                    agree[mode]["same" if same else "different"] += 1
+                    per_id[mode][instruction_id]["same" if same else "different"] += 1
+                    per_id[mode][instruction_id]["official_pass"] += bool(a)
+                    if not same:
+                        disagreements.append({"mode": mode, "key": row["key"], "instruction_id": instruction_id,
+                                              "kwargs": row["kwargs"][i], "official": bool(a), "ours": bool(b),
+                                              "response": response})  # fmt: skip
+        out: dict = {"responses": splits["texts"], "splitters_agree": dict(splits)}
+        for mode in agree:
+            total = sum(agree[mode].values())
+            other = sum(1 for d in disagreements if d["mode"] == mode and d["key"] not in random_letter)
+            out[mode] = {"verdicts": total, "agree": agree[mode]["same"], "agreement": agree[mode]["same"] / total,
+                         "disagree_outside_random_letter": other,
+                         "per_instruction": {k: dict(v) for k, v in sorted(per_id[mode].items())}}  # fmt: skip
+        out["disagreements"] = disagreements[:100]
+        return out
+
+    t0 = time.perf_counter()
+    matched = list(corpus(args.per_prompt, seed=args.seed, inputs=inputs))
+    # the same responses against the instructions of another prompt: text that was not written for them
+    rng = random.Random(args.seed + 1)
+    crossed = [(rng.choice(inputs), response) for _, response in matched]
+    result = {"per_prompt": args.per_prompt, "seed": args.seed, "random_letter_keys": sorted(random_letter),
+              "matched": compare(matched), "crossed": compare(crossed)}  # fmt: skip
+    result["seconds"] = time.perf_counter() - t0
     result["splitter_fuzz"] = {f"seed {seed}": fuzz_splitters(args.fuzz, seed) for seed in (1, 2)}
-    result["disagreements"] = disagreements[:200]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    for mode in agree:
-        r = result[mode]
-        print(f"{mode}: {r['agree']}/{r['verdicts']} = {100 * r['agreement']:.3f}% "
-              f"({r['disagree_outside_random_letter']} disagreements outside the random-letter prompts)")  # fmt: skip
-    print(f"splitters agree: {dict(splits)}; {seconds:.1f} s; fuzz: {result['splitter_fuzz']}; wrote {args.out}")
-    for d in disagreements[:20]:
-        print(d["mode"], d["key"], d["instruction_id"], d["kwargs"], "official", d["official"], "ours", d["ours"],
-              repr(d["response"][:160]))  # fmt: skip
-
+    for corpus_name in ("matched", "crossed"):
+        part = result[corpus_name]
+        for mode in ("strict", "loose"):
+            r = part[mode]
+            print(f"{corpus_name} {mode}: {r['agree']}/{r['verdicts']} = {100 * r['agreement']:.3f}% "
+                  f"({r['disagree_outside_random_letter']} disagreements outside the random-letter prompts)")  # fmt: skip
+        print(f"  splitters agree: {part['splitters_agree']}")
+        for d in part["disagreements"][:10]:
+            print("  ", d["mode"], d["key"], d["instruction_id"], d["kwargs"], "official", d["official"], "ours",
+                  d["ours"], repr(d["response"][:160]))  # fmt: skip
+    print(f"fuzz: {result['splitter_fuzz']}; {result['seconds']:.1f} s; wrote {args.out}")
 
 if __name__ == "__main__":
     main()
