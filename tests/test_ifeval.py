@@ -321,14 +321,22 @@ def test_run_folder_and_command(tmp_path, inputs):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"]["input_data_sha256"] == "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
     assert summary["settings"]["input_data"] == "vendored" and "langdetect" in summary["versions"]
+    assert summary["files"] == ["eval_results_strict.jsonl", "eval_results_loose.jsonl", "summary.json",
+                                "ifeval.png", "ifeval.pdf"]  # fmt: skip
     assert (out / "ifeval.png").read_bytes()[:4] == b"\x89PNG" and (out / "ifeval.pdf").read_bytes()[:4] == b"%PDF"
     strict = [json.loads(line) for line in (out / "eval_results_strict.jsonl").read_text().splitlines()]
     assert summary["strict"]["prompt_level"]["passed"] == sum(r["follow_all_instructions"] for r in strict)
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
+    # the seam for generated responses: a list in the inputs' order, the same folder
+    from olmo_iv.runs.ifeval import run_ifeval, run_ifeval_responses
+
+    again = run_ifeval_responses([f"My answer is yes. {e.prompt}" for e in inputs], tmp_path / "listed",
+                                 settings={"model": "stub"})  # fmt: skip
+    assert again["strict"] == summary["strict"] and again["settings"]["model"] == "stub"
+    assert (tmp_path / "listed" / "eval_results_strict.jsonl").read_text() == (out / "eval_results_strict.jsonl").read_text()
+
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(OlmoIVError, match="^out=.*not empty and holds no IFEval run"):
-        from olmo_iv.runs.ifeval import run_ifeval
-
         run_ifeval(responses, tmp_path / "other")
