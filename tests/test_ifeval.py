@@ -248,6 +248,13 @@ def test_score_file_matches_by_prompt_in_any_order(tmp_path, inputs):
     assert summary["loose"]["instruction_level"]["passed"] >= summary["strict"]["instruction_level"]["passed"]
 
 
+def test_jsonl_lines_split_on_newline_only(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "x\u2028y\u0085z"}, ensure_ascii=False) + "\r\n\n",
+                    encoding="utf-8")  # fmt: skip
+    assert ifeval.read_responses(path) == {"a": "x\u2028y\u0085z"}
+
+
 def test_response_matching_errors(tmp_path, inputs):
     pairs = [(e.prompt, "x") for e in inputs]
     with pytest.raises(OlmoIVError, match=r"^responses= 2 of 543 responses match no prompt"):

@@ -64,7 +64,8 @@ def read_jsonl(path: str | os.PathLike, param: str) -> list[tuple[int, Any]]:
     if not path.is_file():
         raise OlmoIVError(f"{param}={str(path)!r}: no such file")
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON allows raw in strings
+        lines = path.read_bytes().decode("utf-8").split("\n")
     except UnicodeDecodeError as err:
         raise OlmoIVError(f"{param}={str(path)!r} is not UTF-8 (byte {err.start}); give a UTF-8 JSONL file") from None
     rows = []
