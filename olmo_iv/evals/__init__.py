@@ -1,1 +1,1 @@
-"""Evaluations: task inference (exact match, instructional accuracy, judges)."""
+"""Evaluations: task inference (exact match, instructional accuracy, judges) and IFEval, offline."""

@@ -19,7 +19,13 @@ import torch
 
 from olmo_iv import tasks as task_registry
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.interventions.patching import check_grid_size, format_layers, layer_grid, parse_layers, patch_layers
+from olmo_iv.interventions.patching import (
+    check_grid_size,
+    format_layers,
+    layer_grid,
+    parse_layers,
+    patch_layers,
+)
 from olmo_iv.loading import load
 from olmo_iv.progress import ProgressFn
 from olmo_iv.runs import figures
