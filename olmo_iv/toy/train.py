@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from olmo_iv.activations import answer_rank, extract
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write, versions, write_json
 from olmo_iv.loading import load, save
@@ -458,27 +459,19 @@ def patching_check(model: OLMo2, data: ToyData, layers: list[int] | None = None,
         last = torch.tensor([len(e.target_ids) - 1 for e in own])  # right padding needs no mask
         ans = torch.tensor([e.answer_id for e in own])
         pos = own[0].target_pos
-        base = model(ids, logits_at=last)
-        r0, z0 = _rank(base, ans), base.gather(1, ans[:, None])[:, 0]
-        v_own, v_other = _states_at_last(model, own[0].source_ids), _states_at_last(model, other.source_ids)
+        z0, r0 = answer_rank(model(ids, logits_at=last), ans)
+        v_own, v_other = extract(model, [own[0].source_ids, other.source_ids], "hook_resid_post", positions=-1)
         out = {}
         for key, at in [(str(l), [l]) for l in layers] + [("all", list(range(L)))]:
-            p, q = _patched(model, ids, last, pos, v_own, at), _patched(model, ids, last, pos, v_other, at)
-            r1, r2 = _rank(p, ans), _rank(q, ans)
+            (z1, r1), (_, r2) = (answer_rank(_patched(model, ids, last, pos, v, at), ans) for v in (v_own, v_other))
             out[key] = {"improved": (r1 < r0).float().mean().item(), "worsened": (r1 > r0).float().mean().item(),
-                        "rr_diff": (1 / r1 - 1 / r0).mean().item(),
-                        "logit_diff": (p.gather(1, ans[:, None])[:, 0] - z0).mean().item(),
+                        "rr_diff": (1 / r1.float() - 1 / r0.float()).mean().item(),
+                        "logit_diff": (z1 - z0).mean().item(),
                         "top1": (r1 == 1).float().mean().item(), "top1_unpatched": (r0 == 1).float().mean().item(),
                         "partner_improved": (r2 < r0).float().mean().item(),
                         "partner_top1": (r2 == 1).float().mean().item()}
         res[name] = out
     return res
-
-
-def _states_at_last(model: OLMo2, ids: tuple[int, ...]) -> Tensor:
-    """[L, d]: every block's output (hook_resid_post) at the last position of `ids` (T_inst of an instruction)."""
-    _, cache = model.run_with_cache(torch.tensor([ids]), names=lambda h: h.endswith("hook_resid_post"))
-    return torch.stack([cache[f"blocks.{l}.hook_resid_post"][0, -1] for l in range(model.config.n_layers)])
 
 
 def _patched(model: OLMo2, ids: Tensor, last: Tensor, pos: int, vecs: Tensor, layers: list[int]) -> Tensor:
@@ -491,12 +484,6 @@ def _patched(model: OLMo2, ids: Tensor, last: Tensor, pos: int, vecs: Tensor, la
 
     with model.hooks({f"blocks.{l}.hook_resid_post": put for l in layers}):
         return model(ids, logits_at=last)
-
-
-def _rank(logits: Tensor, ans: Tensor) -> Tensor:
-    """1-based rank of each row's answer token among all logits (ties count in its favour)."""
-    z = logits.gather(1, ans[:, None])
-    return (logits > z).sum(1).float() + 1
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
