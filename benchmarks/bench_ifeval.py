@@ -56,9 +56,9 @@ def main() -> None:
             warm.append(time.perf_counter() - t)
     payload = {"import_s": round(t_import, 3), "job_cold_s": round(cold, 3), "job_warm_s": [round(x, 3) for x in warm],
                "job_warm_median_s": round(statistics.median(warm), 3), "verdicts_per_job": verdicts,
-               "import_plus_cold_job_s": round(t_import + cold, 3)}  # fmt: skip
+               "import_plus_cold_job_s": round(t_import + cold, 3)}
     save_result(args.out, "ifeval", {"files": args.files, "prompts_per_file": 541, "repeats": args.repeats}, payload,
-                "cpu")  # fmt: skip
+                "cpu")
     print(f"import {t_import:.2f} s; {args.files} files x 541 prompts ({verdicts} verdicts, strict + loose): "
           f"cold {cold:.2f} s (with model loading), warm median {statistics.median(warm):.2f} s; wrote {args.out}")
 

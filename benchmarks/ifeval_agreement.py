@@ -67,7 +67,7 @@ FUZZ_PIECES = ["HELLO", "World", "I", "a", "DON'T", "can't", "CANNOT", "U.S.", "
                "Mr.", "DR.", "P.S.", "USA-based", "x,Y", "A,B", "OK.", "NO!", "'HELLO'", "don't", "O'NEIL",
                "rock'n'roll", "IT'S", "'S", "WE'D", "`", "``", "''", "{", "}", "CAN'T.", "\u2014", "\u2013", "/",
                "AI:", "MORE'N", "D'YE", "GIMME", "LEMME", "GOTTA", "'TWAS", "\u00e9COLE", "\u00c9COLE", "1.5", "v2.0",
-               "A.", "B)", "1)", "10%"]  # fmt: skip
+               "A.", "B)", "1)", "10%"]
 
 
 def fuzz_splitters(n: int, seed: int) -> dict[str, int]:
@@ -117,7 +117,7 @@ def main() -> None:
     # lm-eval replaces a `letter` that is not a-z by a random letter; we count the given symbol (google-research's
     # current behaviour). Verdicts on those prompts are reported apart.
     random_letter = {r["key"] for r in inputs for i, k in zip(r["instruction_id_list"], r["kwargs"])
-                     if i == "keywords:letter_frequency" and not ("a" <= k["letter"].lower() <= "z")}  # fmt: skip
+                     if i == "keywords:letter_frequency" and not ("a" <= k["letter"].lower() <= "z")}
 
     def compare(pairs) -> dict:
         """Both implementations' verdicts on (input row, response) pairs, tallied per mode and instruction id."""
@@ -127,16 +127,16 @@ def main() -> None:
         splits = Counter()
         for n, (row, response) in enumerate(pairs):
             example = official.utils.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"],
-                                                  prompt=row["prompt"], kwargs=row["kwargs"])  # fmt: skip
+                                                  prompt=row["prompt"], kwargs=row["kwargs"])
             random.seed(n)  # lm-eval's random letter (see above): reproducible
             ref = {"strict": official.utils.test_instruction_following_strict(example, response),
-                   "loose": official.utils.test_instruction_following_loose(example, response)}  # fmt: skip
+                   "loose": official.utils.test_instruction_following_loose(example, response)}
             mine = score_example(ours_inputs[row["key"]], response)
             # how often the splitters themselves agree on the corpus (a diagnostic, not a filter)
             splits["texts"] += 1
             splits["sentences_equal"] += len(nltk.sent_tokenize(response)) == text.count_sentences(response)
             splits["capitals_equal"] += (sum(w.isupper() for w in nltk.word_tokenize(response))
-                                         == text.count_capital_words(response))  # fmt: skip
+                                         == text.count_capital_words(response))
             for mode in agree:
                 verdicts = zip(row["instruction_id_list"], ref[mode].follow_instruction_list, getattr(mine, mode))
                 for i, (instruction_id, a, b) in enumerate(verdicts):
@@ -147,14 +147,14 @@ def main() -> None:
                     if not same:
                         disagreements.append({"mode": mode, "key": row["key"], "instruction_id": instruction_id,
                                               "kwargs": row["kwargs"][i], "official": bool(a), "ours": bool(b),
-                                              "response": response})  # fmt: skip
+                                              "response": response})
         out: dict = {"responses": splits["texts"], "splitters_agree": dict(splits)}
         for mode in agree:
             total = sum(agree[mode].values())
             other = sum(1 for d in disagreements if d["mode"] == mode and d["key"] not in random_letter)
             out[mode] = {"verdicts": total, "agree": agree[mode]["same"], "agreement": agree[mode]["same"] / total,
                          "disagree_outside_random_letter": other,
-                         "per_instruction": {k: dict(v) for k, v in sorted(per_id[mode].items())}}  # fmt: skip
+                         "per_instruction": {k: dict(v) for k, v in sorted(per_id[mode].items())}}
         out["disagreements"] = disagreements[:100]
         return out
 
@@ -164,7 +164,7 @@ def main() -> None:
     rng = random.Random(args.seed + 1)
     crossed = [(rng.choice(inputs), response) for _, response in matched]
     result = {"per_prompt": args.per_prompt, "seed": args.seed, "random_letter_keys": sorted(random_letter),
-              "matched": compare(matched), "crossed": compare(crossed)}  # fmt: skip
+              "matched": compare(matched), "crossed": compare(crossed)}
     result["seconds"] = time.perf_counter() - t0
     result["splitter_fuzz"] = {f"seed {seed}": fuzz_splitters(args.fuzz, seed) for seed in (1, 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +174,11 @@ def main() -> None:
         for mode in ("strict", "loose"):
             r = part[mode]
             print(f"{corpus_name} {mode}: {r['agree']}/{r['verdicts']} = {100 * r['agreement']:.3f}% "
-                  f"({r['disagree_outside_random_letter']} disagreements outside the random-letter prompts)")  # fmt: skip
+                  f"({r['disagree_outside_random_letter']} disagreements outside the random-letter prompts)")
         print(f"  splitters agree: {part['splitters_agree']}")
         for d in part["disagreements"][:10]:
             print("  ", d["mode"], d["key"], d["instruction_id"], d["kwargs"], "official", d["official"], "ours",
-                  d["ours"], repr(d["response"][:160]))  # fmt: skip
+                  d["ours"], repr(d["response"][:160]))
     print(f"fuzz: {result['splitter_fuzz']}; {result['seconds']:.1f} s; wrote {args.out}")
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from olmo_iv.chat import read_chat_config
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write, write_text
 from olmo_iv.model import ModelConfig, OLMo2
@@ -26,6 +27,7 @@ HUB_FILES = [
     "config.json",
     "*.safetensors",
     "model.safetensors.index.json",
+    "chat_template.jinja",
     "tokenizer.json",
     "tokenizer_config.json",
     "generation_config.json",
@@ -268,6 +270,7 @@ def load(
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.tokenizer = load_tokenizer(folder)
+    model.chat_template, model.special_tokens = read_chat_config(folder)
     model.name_or_path = str(name_or_path)
     return model
 
@@ -328,4 +331,7 @@ def save(model: OLMo2, folder: str | os.PathLike, *, max_shard_bytes: int | None
     write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     if model.tokenizer is not None:
         atomic_write(folder / "tokenizer.json", lambda tmp: model.tokenizer.save(str(tmp)))
+    if model.chat_template is not None or model.special_tokens:
+        write_text(folder / "tokenizer_config.json", json.dumps(
+            {**model.special_tokens, "chat_template": model.chat_template}, indent=2, ensure_ascii=False))
     return folder

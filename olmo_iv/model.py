@@ -451,6 +451,8 @@ class OLMo2(HookedMixin, nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tokenizer = None  # a tokenizers.Tokenizer when the checkpoint has tokenizer.json
         self.name_or_path: str | None = None
+        self.chat_template: str | None = None  # tokenizer_config.json's chat_template (olmo_iv.chat renders it)
+        self.special_tokens: dict[str, str] = {}  # its bos/eos/pad tokens, which templates may use
 
     @property
     def device(self) -> torch.device:

@@ -135,7 +135,7 @@ CASES = [
     # a blank response follows nothing, even a prohibition
     ("punctuation:no_comma", {}, "  \n", False),
     ("keywords:forbidden_words", {"forbidden_words": ["computer"]}, "", False),
-]  # fmt: skip
+]
 
 
 def _loose(instruction_id: str, kwargs: dict, response: str) -> ifeval.ScoredRow:
@@ -168,7 +168,7 @@ STRICT_VS_LOOSE = [
     ("keywords:forbidden_words", {"forbidden_words": ["sure"]}, "Sure!\nThe answer is four."),
     ("combination:two_responses", {}, "Intro\nA\n******\nIntro\nA"),
     ("detectable_format:title", {}, "Title:\n<<Poem\n>>"),  # no: a title cannot span lines, and neither variant has one
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("instruction_id,kwargs,response", STRICT_VS_LOOSE[:-1])
@@ -192,13 +192,13 @@ def test_loose_variants_follow_the_official_order():
 
 def test_instructions_of_one_prompt_may_pass_loose_on_different_variants():
     [example] = parse_inputs([(1, {"key": 7, "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
-                                   "kwargs": [{}, {}]})])  # fmt: skip
+                                   "kwargs": [{}, {}]})])
     row = ifeval.score_example(example, 'Yes, sir.\n"Quoted answer."\nBye, now.')
     assert row.strict == (False, False) and row.loose == (True, True)
     assert row.official("loose")["follow_all_instructions"] is True
     assert row.official("strict") == {"instruction_id_list": ["punctuation:no_comma", "startend:quotation"], "prompt": "p",
                                       "response": 'Yes, sir.\n"Quoted answer."\nBye, now.', "follow_all_instructions": False,
-                                      "follow_instruction_list": [False, False]}  # fmt: skip
+                                      "follow_instruction_list": [False, False]}
 
 
 def test_text_rules():
@@ -213,7 +213,7 @@ def test_text_rules():
     assert text.word_tokens("I DON'T know. CAN'T stop, U.S.A. (YES)") == [
         "I", "DO", "N'T", "know", ".", "CA", "N'T", "stop", ",", "U.S.A.", "(", "YES", ")"]  # as nltk.word_tokenize
     assert text.word_tokens("well-known AND/OR 1,000 'QUOTED' cannot") == [
-        "well-known", "AND/OR", "1,000", "'", "QUOTED", "'", "can", "not"]  # fmt: skip
+        "well-known", "AND/OR", "1,000", "'", "QUOTED", "'", "can", "not"]
     assert text.count_capital_words("I saw THE U.S. team, JOHN'S dog and a Cat.") == 5  # I THE U.S. JOHN 'S
     assert text.detect_language("12345 67890") is None
 
@@ -251,7 +251,7 @@ def test_score_file_matches_by_prompt_in_any_order(tmp_path, inputs):
 def test_jsonl_lines_split_on_newline_only(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"prompt": "a", "response": "x\u2028y\u0085z"}, ensure_ascii=False) + "\r\n\n",
-                    encoding="utf-8")  # fmt: skip
+                    encoding="utf-8")
     assert ifeval.read_responses(path) == {"a": "x\u2028y\u0085z"}
 
 
@@ -270,7 +270,7 @@ def test_response_matching_errors(tmp_path, inputs):
     (b'{"prompt": "a", "response": "b"}\n{not json\n', "is not JSONL: line 2"),
     (b'{"prompt": "a"}\n', "line 1: expected an object with string fields 'prompt' and 'response'"),
     (b'["a", "b"]\n', "line 1: expected an object"),
-])  # fmt: skip
+])
 def test_bad_responses_file(tmp_path, content, message):
     path = tmp_path / "r.jsonl"
     path.write_bytes(content)
@@ -290,7 +290,7 @@ def test_bad_responses_file(tmp_path, content, message):
     ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 1, "let_relation": "at least"}, "one character"),
     ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "a"},
      "is more than 'num_paragraphs'"),
-])  # fmt: skip
+])
 def test_bad_input_data(tmp_path, instruction_id, kwargs, message):
     path = tmp_path / "input.jsonl"
     row = {"key": 5, "prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]}
@@ -302,7 +302,7 @@ def test_bad_input_data(tmp_path, instruction_id, kwargs, message):
 
 def test_null_kwargs_are_dropped_as_in_the_hub_copy(tmp_path):
     row = {"key": 5, "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
-           "kwargs": [{"keywords": None, "num_words": None}, {"keywords": ["cat"], "relation": None}]}  # fmt: skip
+           "kwargs": [{"keywords": None, "num_words": None}, {"keywords": ["cat"], "relation": None}]}
     path = tmp_path / "input.jsonl"
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     [example] = ifeval.load_input_data(path)
@@ -312,9 +312,8 @@ def test_null_kwargs_are_dropped_as_in_the_hub_copy(tmp_path):
 
 # --- the run folder and the command ------------------------------------------------------------------------------
 def test_run_folder_and_command(tmp_path, inputs):
+    from olmo_iv.cli.main import _typer_app as app
     from typer.testing import CliRunner
-
-    from cli.main import _typer_app as app
 
     responses = _write_responses(tmp_path / "r.jsonl", [(e.prompt, f"My answer is yes. {e.prompt}") for e in inputs])
     out = tmp_path / "run"
@@ -324,29 +323,55 @@ def test_run_folder_and_command(tmp_path, inputs):
     rows = [json.loads(line) for line in (out / "eval_results_loose.jsonl").read_text().splitlines()]
     assert len(rows) == 541
     assert list(rows[0]) == ["instruction_id_list", "prompt", "response", "follow_all_instructions",
-                             "follow_instruction_list"]  # fmt: skip
+                             "follow_instruction_list"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"]["input_data_sha256"] == "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
     assert summary["settings"]["input_data"] == "vendored" and "langdetect" in summary["versions"]
     assert summary["files"] == ["eval_results_strict.jsonl", "eval_results_loose.jsonl", "summary.json",
-                                "ifeval.png", "ifeval.pdf"]  # fmt: skip
+                                "ifeval.png", "ifeval.pdf"]
     assert (out / "ifeval.png").read_bytes()[:4] == b"\x89PNG" and (out / "ifeval.pdf").read_bytes()[:4] == b"%PDF"
     strict = [json.loads(line) for line in (out / "eval_results_strict.jsonl").read_text().splitlines()]
     assert summary["strict"]["prompt_level"]["passed"] == sum(r["follow_all_instructions"] for r in strict)
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     # the seam for generated responses: a list in the inputs' order, the same folder
-    from olmo_iv.runs.ifeval import run_ifeval, run_ifeval_responses
+    from olmo_iv.runs.ifeval import IFEvalSettings, run_ifeval, run_ifeval_responses
+    from olmo_iv.runs.store import RunFinished
 
     again = run_ifeval_responses([f"My answer is yes. {e.prompt}" for e in inputs], tmp_path / "listed",
-                                 settings={"model": "stub"})  # fmt: skip
+                                 settings={"model": "stub"})
     assert again["strict"] == summary["strict"] and again["settings"]["model"] == "stub"
     assert (tmp_path / "listed" / "eval_results_strict.jsonl").read_text() == (out / "eval_results_strict.jsonl").read_text()
+    with pytest.raises(RunFinished):  # the same run again: it says where its results are
+        run_ifeval(IFEvalSettings(responses=str(responses)), out)
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(OlmoIVError, match="^out=.*not empty and holds no IFEval run"):
-        run_ifeval(responses, tmp_path / "other")
+    with pytest.raises(OlmoIVError, match="not empty and holds no olmo-iv run"):
+        run_ifeval(IFEvalSettings(responses=str(responses)), tmp_path / "other")
+    with pytest.raises(OlmoIVError, match="either responses= .* or model="):
+        IFEvalSettings()
+
+
+def test_generating_with_a_model_continues_after_a_kill(tmp_path):
+    from olmo_iv.runs.ifeval import IFEvalSettings, run_ifeval
+
+    s = IFEvalSettings(model="toy", limit=6, batch_size=2, max_new_tokens=6)
+    seen = []
+
+    def killer(label, advance, total):
+        seen.append(advance)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ifeval(s, tmp_path / "killed", progress=killer)
+    killed = run_ifeval(s, tmp_path / "killed")
+    whole = run_ifeval(s, tmp_path / "whole")
+    assert killed["strict"] == whole["strict"] and killed["n_prompts"] == 6
+    lines = (tmp_path / "killed" / "responses.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "whole" / "responses.jsonl").read_text().splitlines() and len(lines) == 6
+    assert json.loads(lines[0])["prompt"].startswith("Write a 300+ word summary")
 
 
 # one kwargs set per instruction id, to run every checker on arbitrary text
@@ -358,7 +383,7 @@ def test_loose_never_fails_where_strict_passes_on_random_text():
     from hypothesis import strategies as st
 
     alphabet = st.sampled_from(["a", "B", "CAT", " ", "\n", "\n\n", "*", "**", "***", "******", ",", ".", "!", "?",
-                                '"', "'", "[x]", "<<t>>", "P.S.", "-", "Section 1", "{", "}", "apple", "elm"])  # fmt: skip
+                                '"', "'", "[x]", "<<t>>", "P.S.", "-", "Section 1", "{", "}", "apple", "elm"])
 
     @settings(max_examples=60, deadline=None, derandomize=True)
     @given(st.lists(alphabet, max_size=30).map("".join))

@@ -103,11 +103,11 @@ def test_missing_unexpected_misshaped_tensors(checkpoint):
     with pytest.raises(OlmoIVError, match="missing tensors model.layers.1.mlp.up_proj.weight"):
         olmo_iv.load(checkpoint)
     _rewrite(checkpoint, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 64),
-                                              "model.layers.7.extra.weight": torch.zeros(2)}))  # fmt: skip
+                                              "model.layers.7.extra.weight": torch.zeros(2)}))
     with pytest.raises(OlmoIVError, match="unexpected tensors model.layers.7.extra.weight"):
         olmo_iv.load(checkpoint)
     _rewrite(checkpoint, lambda s: (s.pop("model.layers.7.extra.weight"),
-                                    s.update({"model.norm.weight": torch.zeros(65)})))  # fmt: skip
+                                    s.update({"model.norm.weight": torch.zeros(65)})))
     with pytest.raises(OlmoIVError, match=r"model.norm.weight .* has shape \(65,\).*\(64,\)"):
         olmo_iv.load(checkpoint)
 

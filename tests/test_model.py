@@ -15,7 +15,7 @@ def hf_layer_outputs(hf, ids, **kw):
     """Outputs of every HF decoder layer, captured with plain forward hooks, and the logits."""
     outs = []
     handles = [layer.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-               for layer in hf.model.layers]  # fmt: skip
+               for layer in hf.model.layers]
     try:
         with torch.no_grad():
             logits = hf(ids, **kw).logits
@@ -117,7 +117,7 @@ def test_residual_identities_and_hook_shapes(tiny_model):
         torch.testing.assert_close(c[b + "hook_resid_mid"], c[b + "hook_resid_pre"] + c[b + "hook_attn_out"])
         torch.testing.assert_close(c[b + "hook_resid_post"], c[b + "hook_resid_mid"] + c[b + "hook_mlp_out"])
         torch.testing.assert_close(c[b + "mlp.hook_post"],
-                                   torch.nn.functional.silu(c[b + "mlp.hook_pre"]) * c[b + "mlp.hook_pre_linear"])  # fmt: skip
+                                   torch.nn.functional.silu(c[b + "mlp.hook_pre"]) * c[b + "mlp.hook_pre_linear"])
         block = tiny_model.blocks[layer]
         raw = c[b + "attn.hook_out"]
         torch.testing.assert_close(c[b + "hook_attn_out"], block.ln_attn.weight * raw / c[b + "ln_attn.hook_scale"])

@@ -263,3 +263,59 @@ def inference_scores(summary: Sequence[dict], *, title: str = "", confidence: fl
     head = f"{title}; " if title else ""
     axes[0].set_title(f"{head}bars: {round(100 * confidence)}% Wilson intervals; empty: not measured", fontsize=9)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------- IFEval
+
+STRICT_COLOR, LOOSE_COLOR = "#1f5f99", "#8fbce6"
+
+
+def ifeval_accuracy(summary: dict) -> Figure:
+    """Strict and loose accuracy side by side: overall and per category (left), per instruction id (right), each
+    bar labelled with its n."""
+    strict, loose = summary["strict"], summary["loose"]
+    left = [(f"prompt level (n={strict['prompt_level']['n']})", "prompt_level", None),
+            (f"instruction level (n={strict['instruction_level']['n']})", "instruction_level", None)]
+    left += [(f"{c} (n={v['n']})", "by_category", c) for c, v in strict["by_category"].items()]
+    right = [(f"{i.split(':')[1]} (n={v['n']})", "by_instruction", i) for i, v in strict["by_instruction"].items()]
+    # where a new category starts in the per-instruction panel (ids are sorted, so categories are contiguous)
+    categories = [i.split(":")[0] for i in strict["by_instruction"]]
+    starts = [k for k in range(len(categories)) if k == 0 or categories[k] != categories[k - 1]]
+
+    def value(mode: dict, kind: str, name: str | None) -> float:
+        entry = mode[kind] if name is None else mode[kind][name]
+        return 100 * (entry["accuracy"] or 0.0)
+
+    fig = Figure(figsize=(12, 0.28 * max(len(right), len(left)) + 1.6))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15], "wspace": 0.75})
+    for ax, items, title in ((axes[0], left, "overall and per category"), (axes[1], right, "per instruction")):
+        ys = range(len(items))
+        height = 0.38
+        s = [value(strict, k, n) for _, k, n in items]
+        lo = [value(loose, k, n) for _, k, n in items]
+        ax.barh([y - height / 2 for y in ys], s, height, color=STRICT_COLOR, label="strict")
+        ax.barh([y + height / 2 for y in ys], lo, height, color=LOOSE_COLOR, label="loose")
+        for y, a, b in zip(ys, s, lo):
+            ax.text(a + 1, y - height / 2, f"{a:.0f}", va="center", fontsize=6)
+            ax.text(b + 1, y + height / 2, f"{b:.0f}", va="center", fontsize=6)
+        ax.set_yticks(list(ys), [label for label, _, _ in items], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 108)
+        ax.set_xlabel("accuracy (%)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    for start, end in zip(starts, starts[1:] + [len(categories)]):  # a rule between categories, names outside
+        if start:
+            axes[1].axhline(start - 0.5, color="0.6", linewidth=0.6)
+        axes[1].text(110, (start + end - 1) / 2, categories[start], fontsize=7, color="0.3", ha="left",
+                     va="center", style="italic", clip_on=False)
+    axes[0].legend(fontsize=7, loc="lower right", frameon=False)
+    name = Path(str(summary.get("settings", {}).get("responses", "responses"))).name
+    fig.suptitle(f"IFEval: {name} ({summary['n_prompts']} prompts, {summary['n_instructions']} instructions)",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.17, right=0.87, top=0.92, bottom=0.45 / (0.28 * len(right) + 1.6) + 0.03)
+    return fig

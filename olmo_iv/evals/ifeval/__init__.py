@@ -24,4 +24,4 @@ from olmo_iv.evals.ifeval.scoring import (
 
 __all__ = ["INSTRUCTIONS", "InputExample", "Instruction", "ScoredRow", "check_instruction", "default_input_data",
            "load_input_data", "loose_variants", "match_responses", "read_responses", "score_example", "score_file",
-           "score_responses", "summarize", "text", "validate_kwargs"]  # fmt: skip
+           "score_responses", "summarize", "text", "validate_kwargs"]

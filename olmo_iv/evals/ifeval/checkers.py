@@ -276,7 +276,7 @@ INSTRUCTIONS: dict[str, Instruction] = {
         Instruction("change_case:english_lowercase", english_lowercase),
         Instruction("punctuation:no_comma", no_comma),
     )
-}  # fmt: skip
+}
 
 
 def validate_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, where: str = "kwargs=") -> dict[str, Any]:
@@ -286,7 +286,7 @@ def validate_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, where
     instruction = INSTRUCTIONS.get(instruction_id)
     if instruction is None:
         raise OlmoIVError(f"{where} unknown instruction id {instruction_id!r}; the 25 official ids are listed in "
-                          "olmo_iv.evals.ifeval.INSTRUCTIONS")  # fmt: skip
+                          "olmo_iv.evals.ifeval.INSTRUCTIONS")
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, Mapping):
@@ -308,7 +308,7 @@ def validate_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, where
             raise OlmoIVError(f"{where} {instruction_id} kwarg {param.name!r} must be {kind}, got {value!r}")
         if param.choices and value not in param.choices:
             raise OlmoIVError(f"{where} {instruction_id} kwarg {param.name!r} must be one of {list(param.choices)}, "
-                              f"got {value!r}")  # fmt: skip
+                              f"got {value!r}")
         if param.positive and value < 1:
             raise OlmoIVError(f"{where} {instruction_id} kwarg {param.name!r} must be >= 1, got {value!r}")
         if param.regex:
@@ -317,10 +317,10 @@ def validate_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, where
                     re.compile(pattern)
                 except re.error as err:
                     raise OlmoIVError(f"{where} {instruction_id} kwarg {param.name!r}: {pattern!r} is used as a "
-                                      f"regular expression and does not compile ({err})") from None  # fmt: skip
+                                      f"regular expression and does not compile ({err})") from None
     if instruction_id == "length_constraints:nth_paragraph_first_word" and given["nth_paragraph"] > given["num_paragraphs"]:
         raise OlmoIVError(f"{where} {instruction_id} kwarg 'nth_paragraph' ({given['nth_paragraph']}) is more than "
-                          f"'num_paragraphs' ({given['num_paragraphs']})")  # fmt: skip
+                          f"'num_paragraphs' ({given['num_paragraphs']})")
     if instruction_id == "keywords:letter_frequency" and len(given["letter"]) != 1:
         raise OlmoIVError(f"{where} {instruction_id} kwarg 'letter' must be one character, got {given['letter']!r}")
     return given

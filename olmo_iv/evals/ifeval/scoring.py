@@ -49,7 +49,7 @@ class ScoredRow:
         follow = list(self.strict if mode == "strict" else self.loose)
         return {"instruction_id_list": list(self.instruction_id_list), "prompt": self.prompt,
                 "response": self.response, "follow_all_instructions": all(follow),
-                "follow_instruction_list": follow}  # fmt: skip
+                "follow_instruction_list": follow}
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def read_jsonl(path: str | os.PathLike, param: str) -> list[tuple[int, Any]]:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
             raise OlmoIVError(f"{param}={str(path)!r} is not JSONL: line {number}: {err.msg} (one JSON object per "
-                              "line)") from None  # fmt: skip
+                              "line)") from None
     return rows
 
 
@@ -108,7 +108,7 @@ def load_input_data(input_data: str | os.PathLike | None = None) -> list[InputEx
     for example in examples:
         if example.prompt in seen:  # responses are matched by prompt text, so prompts must be unique
             raise OlmoIVError(f"input_data= holds the prompt of key {example.key} twice; responses could not be "
-                              "matched to it")  # fmt: skip
+                              "matched to it")
         seen.add(example.prompt)
     return examples
 
@@ -120,7 +120,7 @@ def read_responses(responses: str | os.PathLike) -> dict[str, str]:
     for number, row in read_jsonl(responses, "responses"):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise OlmoIVError(f"responses= line {number}: expected an object with string fields 'prompt' and "
-                              "'response'")  # fmt: skip
+                              "'response'")
         out[row["prompt"]] = row["response"]
     return out
 
@@ -132,11 +132,11 @@ def match_responses(inputs: Sequence[InputExample], prompt_to_response: Mapping[
     unmatched = [p for p in prompt_to_response if p not in prompts]
     if unmatched:
         raise OlmoIVError(f"responses= {len(unmatched)} of {len(prompt_to_response)} responses match no prompt of "
-                          f"input_data= (prompts are matched exactly); first: {unmatched[0][:80]!r}")  # fmt: skip
+                          f"input_data= (prompts are matched exactly); first: {unmatched[0][:80]!r}")
     missing = [e for e in inputs if e.prompt not in prompt_to_response]
     if missing:
         raise OlmoIVError(f"responses= has no response for {len(missing)} of {len(inputs)} prompts of input_data=; "
-                          f"first: key {missing[0].key}")  # fmt: skip
+                          f"first: key {missing[0].key}")
     return [prompt_to_response[e.prompt] for e in inputs]
 
 
@@ -172,7 +172,7 @@ def score_responses(responses: Sequence[str], inputs: Sequence[InputExample] | N
     inputs = load_input_data() if inputs is None else inputs
     if len(responses) != len(inputs):
         raise OlmoIVError(f"responses= has {len(responses)} responses for {len(inputs)} prompts; give one per prompt, "
-                          "in the inputs' order")  # fmt: skip
+                          "in the inputs' order")
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise OlmoIVError(f"responses= item {i} is a {type(response).__name__}, not a string")

@@ -102,7 +102,7 @@ _SPLIT_WORDS: _SUB = [
     (re.compile(pattern, re.IGNORECASE), r" \1 \2 ")
     for pattern in (r"\b(can)(not)\b", r"\b(d)('ye)\b", r"\b(gim)(me)\b", r"\b(gon)(na)\b", r"\b(got)(ta)\b",
                     r"\b(lem)(me)\b", r"\b(more)('n)\b", r"\b(wan)(na)(?=\s)", r" ('t)(is)\b", r" ('t)(was)\b")
-]  # fmt: skip
+]
 
 
 def _treebank_tokens(sentence: str) -> list[str]:
