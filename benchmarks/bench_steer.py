@@ -19,6 +19,7 @@ ours at the same length.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--coef", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,12 +100,20 @@ def main() -> None:
         c = recompute(args.recompute_tokens)
     same_hf = sum(x == y for x, y in zip(a, b))
     same_recompute = sum(x[: args.recompute_tokens] == y for x, y in zip(a, c))
+    # the sides alternate, round after round, so that a busy machine slows them alike; medians are reported
+    times: dict[str, list[float]] = {"ours": [], "hf": [], "ours_short": [], "recompute": []}
     with torch.inference_mode():
-        t_ours = timeit(lambda: ours(args.new_tokens), args.device, warmup=0, repeats=args.repeats)
-        t_hf = timeit(lambda: hf_steered(hf, rows, args.layer, u, args.coef, args.new_tokens), args.device,
-                      warmup=0, repeats=args.repeats)
-        t_ours_short = timeit(lambda: ours(args.recompute_tokens), args.device, warmup=0, repeats=args.repeats)
-        t_rec = timeit(lambda: recompute(args.recompute_tokens), args.device, warmup=0, repeats=1)
+        for _ in range(args.repeats):
+            times["ours"].append(timeit(lambda: ours(args.new_tokens), args.device, warmup=0, repeats=1)["median_s"])
+            times["hf"].append(timeit(lambda: hf_steered(hf, rows, args.layer, u, args.coef, args.new_tokens),
+                                      args.device, warmup=0, repeats=1)["median_s"])
+            times["ours_short"].append(timeit(lambda: ours(args.recompute_tokens), args.device, warmup=0,
+                                              repeats=1)["median_s"])
+            times["recompute"].append(timeit(lambda: recompute(args.recompute_tokens), args.device, warmup=0,
+                                             repeats=1)["median_s"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    t_ours, t_hf = {"median_s": med["ours"]}, {"median_s": med["hf"]}
+    t_ours_short, t_rec = {"median_s": med["ours_short"]}, {"median_s": med["recompute"]}
     payload = {
         "rows_equal_to_transformers": f"{same_hf}/{len(rows)}",
         "rows_equal_to_recompute": f"{same_recompute}/{len(rows)}",
@@ -114,6 +123,8 @@ def main() -> None:
         f"recompute_{args.recompute_tokens}tok_s": t_rec["median_s"],
         f"ours_vs_recompute_at_{args.recompute_tokens}tok": round(t_rec["median_s"] / t_ours_short["median_s"], 1),
         "tokens_per_s_ours": round(len(rows) * args.new_tokens / t_ours["median_s"], 1),
+        "runs_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "load_average": list(__import__("os").getloadavg()),
     }
     settings = {**vars(args), "out": None, "shape": args.shape}
     out = args.out or RESULTS / f"steer-{args.device}-{args.shape}-{args.threads}t.json"
