@@ -116,11 +116,14 @@ def _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens
         else:  # the straightforward path: recompute the whole sequence every step
             state.offset = 0
             logits = model(ids, attention_mask=mask, logits_at=-1)
-        if not bool(torch.isfinite(logits[~done]).all()):  # argmax of NaN logits is a silent wrong token
+        # argmax returns the first maximum, as torch.argmax in transformers' greedy search; a NaN or +inf in a
+        # row is its maximum, so checking the chosen logit catches a non-finite row without a pass over [B, V]
+        top = logits.argmax(-1)
+        if not bool(torch.isfinite(logits.gather(1, top[:, None])[~done]).all()):
             bad = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
             locate_nonfinite(model, [rows[i] for i in bad[:2]], "logits in generation")
-        if generator is None:  # argmax returns the first maximum, as torch.argmax in transformers' greedy search
-            nxt = logits.argmax(-1)
+        if generator is None:
+            nxt = top
         else:  # sampling: one draw per row from softmax(logits / temperature), reproducible for a seed
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
