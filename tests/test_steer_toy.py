@@ -167,3 +167,11 @@ def test_shipped_model_default_response(steer):
     answers = S.respond(steer, [c.text for c in contents])
     assert sum(a == c.default for a, c in zip(answers, contents)) >= 5, answers
     assert all("," in a and not S.check("change_case:english_capital", a, None) for a in answers)
+
+
+def test_cli_command_is_registered():
+    from olmo_iv.cli.main import _typer_app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_typer_app, ["train-steer-toy", "--help"])
+    assert result.exit_code == 0 and "free-form instructions" in result.output
