@@ -111,7 +111,7 @@ class SteerConfig:
     """torch CPU threads (they change the low bits of the result; one keeps a shared machine usable)."""
     ckpt_every: int = 500
     """Steps between resumable checkpoints (0: none)."""
-    eval_per_cell: int = 40
+    eval_per_cell: int = 100
     """Evaluation prompts per (type, language, placement) cell, and no-instruction prompts in all."""
 
 
