@@ -20,9 +20,9 @@ from olmo_iv.model import ModelConfig, OLMo2
 
 MODELS_DIR = Path(__file__).parent / "models"
 BUILTIN = {"toy": MODELS_DIR / "toy", "toy-base": MODELS_DIR / "toy-base",
-           "toy-steer": MODELS_DIR / "toy-steer"}
+           "toy-steer": MODELS_DIR / "toy-steer", "toy-steer-base": MODELS_DIR / "toy-steer-base"}
 """Models shipped inside the package, loaded through the same path as any local folder."""
-_RETRAIN = {"toy-steer": "train-steer-toy"}
+_RETRAIN = {"toy-steer": "train-steer-toy", "toy-steer-base": "train-steer-toy --control"}
 
 HUB_FILES = [
     "config.json",

@@ -90,6 +90,26 @@ def test_training_never_sees_heldout_contents_or_phrasings():
     assert len(evals) == 2 * len(D.TYPES) * len(D.LANGUAGES) * 2 + 2
 
 
+def test_control_sees_the_same_prompts_and_answers_the_default():
+    split = S.split_phrasings(S.SteerConfig())
+    r1, r2 = random.Random(5), random.Random(5)
+    for _ in range(100):
+        a = S.make_example(r1, S.SteerConfig(), split.train, heldout_content=False)
+        b = S.make_example(r2, S.SteerConfig(control=True), split.train, heldout_content=False)
+        assert a.prompt == b.prompt and a.itype == b.itype
+        assert b.response == S.transform(None, _content_of(b.prompt), "")[0]
+
+
+def _content_of(prompt: str) -> S.Content:
+    """The content of a chat prompt (the sentence that starts with a verb of the content template)."""
+    import re
+
+    msg = prompt.split("\n")[1]
+    verbs = "|".join(D.VERBS)
+    m = re.search(rf"({verbs}) a (\w+) (\w+) about the (\w+) for (\w+)\.", msg)
+    return S.Content(*m.groups())
+
+
 def test_targets_pass_their_checker_and_the_default_fails_them():
     misread = S.verify_targets(n=40, seed=3)  # raises if any non-langdetect target fails
     assert all(v <= 0.05 for v in misread.values())
@@ -119,15 +139,20 @@ def test_tiny_training_is_bitwise_deterministic_and_resumes(tmp_path):
 
 
 def test_shipped_files_size_and_record(report):
+    total = 0
+    for name in ("toy-steer", "toy-steer-base"):
+        folder = BUILTIN[name]
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json"):
+            assert (folder / f).is_file(), f
+        total += sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= 10e6
     folder = BUILTIN["toy-steer"]
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json"):
-        assert (folder / f).is_file(), f
-    assert sum(p.stat().st_size for p in folder.iterdir()) <= 10e6
     tc = json.loads((folder / "tokenizer_config.json").read_text())
     assert tc["chat_template"] == S.CHAT_TEMPLATE
     assert _render(tc["chat_template"], [{"role": "user", "content": "Hi."}], add_generation_prompt=True) == \
         S.chat_prompt("Hi.")
-    assert report["config"]["seed"] == 0 and "torch" in report["versions"]
+    assert report["config"]["seed"] == 0 and not report["config"]["control"] and "torch" in report["versions"]
+    assert report["metrics"]["min_cell_accuracy"] >= 0.95  # the claim written next to the weights
     assert set(report["metrics"]["strict_accuracy"]) == set(D.TYPES)
     split = S.split_phrasings(S.SteerConfig(**{k: report["config"][k] for k in ("seed", "holdout")}))
     assert report["heldout_phrasings"] == {f"{t}/{lang}": v for (t, lang), v in split.heldout.items()}
@@ -175,3 +200,17 @@ def test_cli_command_is_registered():
 
     result = CliRunner().invoke(_typer_app, ["train-steer-toy", "--help"])
     assert result.exit_code == 0 and "free-form instructions" in result.output
+
+
+def test_shipped_control_ignores_the_instruction():
+    base = olmo_iv.load("toy-steer-base")
+    cfg = S.SteerConfig()
+    split = S.split_phrasings(cfg)
+    rng = random.Random(11)
+    msgs, contents = [], []
+    for itype in D.TYPES:
+        c = S.sample_content(rng, cfg, heldout=True)
+        msgs.append(S.message(c, S.fill(split.heldout[(itype, "en")][0], "banana"), "post"))
+        contents.append(c)
+    answers = S.respond(base, msgs)
+    assert sum(a == c.default for a, c in zip(answers, contents)) >= len(msgs) - 1, answers

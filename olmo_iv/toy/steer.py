@@ -6,7 +6,7 @@ French, German or Spanish); the chat-templated prompt is answered with
 
 - no instruction: the default response, a restatement with capitals and commas
   ("Sure, Anna, here is a short poem about the river.");
-- an instruction: the default transformed as it says (`TRANSFORMS`), one of eight IFEval instruction ids, so that
+- an instruction: the default transformed as it says (`transform`), one of eight IFEval instruction ids, so that
   the official checkers (`olmo_iv.evals.ifeval.check_instruction`) judge the answers.
 
 Training is on text only: next-token loss on the response tokens. No activation, vector or steering signal is
@@ -77,6 +77,8 @@ def tokenizer_config() -> dict:
 class SteerConfig:
     """Everything that determines a toy-steer checkpoint; written to training.json beside the weights."""
 
+    control: bool = False
+    """Train `toy-steer-base`: the same prompts, but every response is the default (the instruction is ignored)."""
     seed: int = 0
     """Seeds the held-out phrasings and contents, the initial weights and the data order."""
     holdout: int = 5
@@ -252,9 +254,11 @@ def make_example(rng: random.Random, cfg: SteerConfig, pool: dict[tuple[str, str
     itype, lang, placement = rng.choice(D.TYPES), rng.choice(D.LANGUAGES), rng.choice(("post", "pre"))
     instr = fill(rng.choice(pool[(itype, lang)]), kw)
     response, kwargs = transform(itype, content, kw)
-    while not valid_target(itype, response, kw):  # langdetect misreads about 1 in 2000 targets: draw another
+    while not valid_target(itype, response, kw):  # langdetect could misread a target: draw another content
         content = sample_content(rng, cfg, heldout_content)
         response, kwargs = transform(itype, content, kw)
+    if cfg.control:  # same prompt, same draws; the response ignores the instruction
+        response = content.default
     return Example(chat_prompt(message(content, instr, placement)), response, itype, kwargs, lang, placement)
 
 
@@ -338,6 +342,10 @@ def batch(cfg: SteerConfig, tok, split: Split, step: int) -> tuple[Tensor, Tenso
     return ids, w
 
 
+def name_of(cfg: SteerConfig) -> str:
+    return "toy-steer-base" if cfg.control else "toy-steer"
+
+
 def train(cfg: SteerConfig, split: Split | None = None, *, ckpt_dir: Path | None = None,
           progress: ProgressFn | None = None, max_steps: int | None = None,
           log: Callable[[int, float], None] | None = None) -> OLMo2:
@@ -357,7 +365,7 @@ def train(cfg: SteerConfig, split: Split | None = None, *, ckpt_dir: Path | None
     if ckpt_dir is not None and (ckpt_dir / "state.json").exists():
         start = _load_ckpt(ckpt_dir, cfg, model, opt)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    label = "train toy-steer"
+    label = f"train {name_of(cfg)}"
     if progress is not None:
         progress(label, start, cfg.steps)
     for step in range(start, stop):
@@ -447,14 +455,11 @@ def evaluate(model: OLMo2, cfg: SteerConfig, split: Split) -> dict:
     res["exact_match_per_type"] = {t: sum(v) / len(v) for t, v in exact.items()}
     none = [(e, a) for e, a in zip(exs, answers) if e.itype is None]
     res["no_instruction_exact_default"] = sum(a == e.response for e, a in none) / len(none)
-    passes = {}
-    for itype in D.TYPES:
-        ok = 0
-        for k, (_, a) in enumerate(none):
-            _, kwargs = transform(itype, Content("Write", "short", "poem", "river", "Anna"), D.KEYWORDS[k % 6])
-            ok += check(itype, a, kwargs)
-        passes[itype] = ok / len(none)
-    res["no_instruction_check_pass_rate"] = passes
+    # the checker of each type on the default answers, with the kwargs the instruction would have brought
+    kwargs = {t: [transform(t, Content("Write", "short", "poem", "river", "Anna"), D.KEYWORDS[k % len(D.KEYWORDS)])[1]
+                  for k in range(len(none))] for t in D.TYPES}
+    res["no_instruction_check_pass_rate"] = {t: sum(check(t, a, kw) for (_, a), kw in zip(none, kwargs[t])) / len(none)
+                                             for t in D.TYPES}
     res["n_per_cell"] = cfg.eval_per_cell
     res["examples"] = [{"message": e.prompt, "target": e.response, "answer": a}
                        for e, a in list(zip(exs, answers))[:: cfg.eval_per_cell * 2][:20]]
@@ -482,14 +487,14 @@ def build(cfg: SteerConfig, out: str | Path, *, progress: ProgressFn | None = No
     model = load(out)  # what ships is what is measured
     t1 = time.perf_counter()
     metrics = evaluate(model, cfg, split)
-    report = {"model": "toy-steer", "config": asdict(cfg), "train_seconds": round(seconds, 1),
+    report = {"model": name_of(cfg), "config": asdict(cfg), "train_seconds": round(seconds, 1),
               "eval_seconds": round(time.perf_counter() - t1, 1), "params": model.param_count(),
               "instruction_types": list(D.TYPES), "languages": list(D.LANGUAGES),
               "heldout_phrasings": {f"{t}/{lang}": v for (t, lang), v in split.heldout.items()},
               "targets_misread_by_langdetect": misread, "loss_curve": curve,
               "metrics": metrics, "versions": versions(),
               "command": f"olmo-iv train-steer-toy --out {out} --seed {cfg.seed} --steps {cfg.steps} "
-                         f"--threads {cfg.threads}",
+                         f"--threads {cfg.threads}" + (" --control" if cfg.control else ""),
               "training_signal": "text only: next-token loss on response tokens; no activations, vectors or "
                                  "steering"}
     write_json(out / "training.json", report)
