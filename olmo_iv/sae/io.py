@@ -28,6 +28,8 @@ from olmo_iv.sae.arch import SAE, SAEConfig
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_PARAMS = "params.npz"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens config layout our writer emits (recorded as metadata.sae_lens_version)."""
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -154,10 +156,12 @@ def saelens_config(sae: SAE, **metadata: Any) -> dict[str, Any]:
     """The cfg.json SAELens v6 reads for this SAE (after the input scale is folded into the weights)."""
     cfg = sae.cfg
     arch = {"batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)
-    meta = {k: v for k, v in cfg.metadata.items() if k not in ("olmo_iv", "source_format")}
+    meta = {k: v for k, v in cfg.metadata.items() if k not in ("olmo_iv", "source_format", "sparsify")}
     meta.update(model_name=cfg.model_name, hook_name=cfg.hook_name, hook_head_index=None,
                 context_size=cfg.context_size, prepend_bos=False, model_class_name="olmo_iv.OLMo2")
     meta.update(metadata)
+    # SAELens reads configs without a version >= 6 as pre-6.0 and then ignores `metadata`: this marks the v6 layout
+    meta.setdefault("sae_lens_version", SAELENS_FORMAT_VERSION)
     meta["olmo_iv"] = {"input_scale": cfg.input_scale, "architecture": cfg.architecture, "k": cfg.k,
                        "note": "input_scale is folded into W_enc, W_dec and b_dec; the SAE reads raw activations"}
     out: dict[str, Any] = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
