@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.eval",
     "cli.train_toy",
     "cli.paths",
+    "cli.sae",
 )
 
 for _name in COMMAND_MODULES:
