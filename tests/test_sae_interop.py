@@ -32,7 +32,14 @@ def _x(d_in: int, n: int = 64, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("arch,apply_b_dec", [("standard", True), ("standard", False), ("topk", True),
                                               ("topk", False), ("jumprelu", False), ("jumprelu", True)])
 def test_saelens_files_load_in_ours(tmp_path, arch, apply_b_dec):
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     meta = {"hook_name": "blocks.2.hook_resid_post", "model_name": "toy"}
     d_in, d_sae = 24, 96
@@ -112,7 +119,8 @@ def test_ours_load_in_saelens(tmp_path, arch):
 
 
 def test_sparsify_files_load_in_ours(tmp_path, monkeypatch):
-    sparsify = pytest.importorskip("sparsify")
+    pytest.importorskip("sparsify")
+    import sparsify
     import sparsify.sparse_coder
     import sparsify.utils
 
@@ -139,8 +147,12 @@ def test_saelens_trainer_runs_on_our_model(tmp_path):
     from olmo_iv.sae.saelens import SAELensModel
 
     datasets = pytest.importorskip("datasets")
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens import TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        TopKTrainingSAEConfig,
+    )
 
     model = olmo_iv.load("toy")
     adapter = SAELensModel(model)
