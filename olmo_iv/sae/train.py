@@ -302,7 +302,7 @@ def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState |
             dead = torch.zeros_like(dead)
         loss, fvu, fired, l0 = _step_losses(sae, x, cfg, dead)
         if not torch.isfinite(loss):
-            raise OlmoIVError(f"training diverged: the loss is {float(loss)} at step {step}; lower lr= (now "
+            raise OlmoIVError(f"training diverged: the loss is {float(loss.detach())} at step {step}; lower lr= (now "
                               f"{base_lr * cfg.lr_factor(step):.3g}) or check the activations for inf/nan")
         loss.backward()
         sae.remove_parallel_grad()
@@ -362,7 +362,7 @@ def state_to_files(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]
     tensors["tokens_since_fired"] = state.tokens_since_fired.clone()
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {"step": state.step, "tokens_seen": state.tokens_seen, "stream_state": state.stream_state,
-            "history": state.history, "window": state.window, "sae_config": state.sae.cfg.to_dict(), "optimizer": opt_meta,
+            "history": [dict(h) for h in state.history], "window": dict(state.window), "sae_config": state.sae.cfg.to_dict(), "optimizer": opt_meta,
             "optimizer_class": type(state.optimizer).__name__}
     return tensors, meta
 
