@@ -242,10 +242,15 @@ class GatheredEncode(torch.autograd.Function):
         d_sae = ctx.d_sae
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[2]:
-            # dL/dW_enc[:, j] = sum_n g[n, j] x[n]: contributions of the chosen (n, j) pairs only
-            contrib = (g.unsqueeze(-1) * xin.unsqueeze(1)).reshape(-1, xin.shape[-1])  # [N*k, d_in]
-            grad_W = torch.zeros(d_sae, xin.shape[-1], dtype=g.dtype, device=g.device)
-            grad_W = grad_W.index_add_(0, flat_idx, contrib).t()
+            # dL/dW_enc[:, j] = sum over the tokens n that chose j of g[n, j] x[n]: group the N·k choices by latent
+            # (one sort) and sum the rows of x with an embedding bag; N·k·d_in work, nothing of size N·k·d_in stored
+            n, k = idx.shape
+            order = flat_idx.argsort()
+            rows = torch.arange(n, device=idx.device).repeat_interleave(k)[order]
+            counts = torch.bincount(flat_idx, minlength=d_sae)
+            offsets = torch.zeros_like(counts)
+            offsets[1:] = counts.cumsum(0)[:-1]
+            grad_W = F.embedding_bag(rows, xin, offsets, mode="sum", per_sample_weights=flat_g[order]).t()
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, flat_g)
         if ctx.needs_input_grad[1]:  # reaches b_dec through xin = s·x - b_dec
