@@ -210,12 +210,13 @@ class SAE(nn.Module):
     # -- I/O (implemented in olmo_iv.sae.io) -----------------------------------------------------------------
 
     @classmethod
-    def load(cls, path, *, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
+    def load(cls, path, *, device: str | torch.device = "cpu", dtype: str | None = None,
+             hook_name: str | None = None) -> SAE:
         """Read an SAE folder or file: SAELens (cfg.json + sae_weights.safetensors, v6 or older configs),
-        sparsify (cfg.json + sae.safetensors) or Gemma Scope (params.npz)."""
+        sparsify (cfg.json + sae.safetensors) or Gemma Scope (params.npz). `hook_name` overrides the files'."""
         from olmo_iv.sae.io import load_sae
 
-        return load_sae(path, device=device, dtype=dtype)
+        return load_sae(path, device=device, dtype=dtype, hook_name=hook_name)
 
     def save(self, path, **metadata: Any):
         """Write SAELens v6 format (cfg.json + sae_weights.safetensors), the input scale folded into the weights."""
