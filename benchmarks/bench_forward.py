@@ -24,7 +24,7 @@ from common import (
     SHAPES,
     PeakMemory,
     Run,
-    finish_worker,  # fmt: skip
+    finish_worker,
     fmt_bytes,
     gemm_flops,
     load_hf,
@@ -72,7 +72,7 @@ def worker(spec: dict) -> None:
             fwd(ids)
         t = timeit(lambda: fwd(ids), device, warmup=0, repeats=spec["repeats"])
     finish_worker(spec, {"method": spec["method"], "timing": t, "peak_bytes": mem.bytes, "memory_method": mem.method},
-                  {"logits": out})  # fmt: skip
+                  {"logits": out})
 
 
 def main() -> None:
@@ -109,7 +109,7 @@ def main() -> None:
     mm = matmul_gflops(device, dtype)
     print(f"matmul throughput: {mm['gflops']} GFLOP/s ({mm['n']}x{mm['n']} {mm['dtype']})", flush=True)
     spec = dict(checkpoint=str(ckpt), device=device, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
-                vocab_size=shape.vocab_size, seed=args.seed, repeats=args.repeats, threads=args.threads)  # fmt: skip
+                vocab_size=shape.vocab_size, seed=args.seed, repeats=args.repeats, threads=args.threads)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for m in methods:
@@ -142,15 +142,15 @@ def main() -> None:
                    "tokens_per_s": round(tokens / med, 1),
                    "peak_bytes": int(statistics.median(r["peak_bytes"] for r in runs[m])),
                    "gemm_gflop": round(flops / 1e9, 2), "gflops": round(flops / med / 1e9, 1),
-                   "pct_of_matmul": round(100 * flops / med / 1e9 / mm["gflops"], 1)}  # fmt: skip
+                   "pct_of_matmul": round(100 * flops / med / 1e9 / mm["gflops"], 1)}
     _print_table(rows, agree, atol)
     settings = {**vars(args), "shape": shape_dict(shape), "checkpoint": str(ckpt), "atol": atol,
                 "cache_dir": str(args.cache_dir) if args.cache_dir else None, "out": None,
-                "memory_method": runs[methods[0]][0]["memory_method"], "methods": methods}  # fmt: skip
+                "memory_method": runs[methods[0]][0]["memory_method"], "methods": methods}
     suffix = f"-{args.threads}t" if args.threads else ""
     out = args.out or RESULTS / f"forward-{device.split(':')[0]}-{shape.name}-{args.dtype}{suffix}.json"
     save_result(out, "forward", settings, {"matmul": mm, "results": rows, "max_abs_logit_diff": agree,
-                                           "agree": not bad}, device)  # fmt: skip
+                                           "agree": not bad}, device)
     print(f"wrote {out}")
     if bad:
         sys.exit(f"outputs disagree beyond {atol}: {bad}")
@@ -166,7 +166,7 @@ def _print_table(rows: dict, agree: dict, atol: float) -> None:
     for m, r in rows.items():
         t.add_row(m, f"{r['median_s']:.3f}", f"{r['best_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                   fmt_bytes(r["peak_bytes"]),
-                  f"{r['gemm_gflop']:.1f}", f"{r['gflops']:.1f}", f"{r['pct_of_matmul']:.0f}")  # fmt: skip
+                  f"{r['gemm_gflop']:.1f}", f"{r['gflops']:.1f}", f"{r['pct_of_matmul']:.0f}")
     con = Console(width=140)
     con.print(t)
     for k, v in agree.items():
@@ -174,7 +174,7 @@ def _print_table(rows: dict, agree: dict, atol: float) -> None:
     for a, b in (("ours", "hf"), ("ours-last", "hf-last")):
         if a in rows and b in rows:
             con.print(f"{a} / {b} speed: {rows[b]['median_s'] / rows[a]['median_s']:.2f}x, "
-                      f"memory: {rows[a]['peak_bytes'] / max(1, rows[b]['peak_bytes']):.2f}x of {b}'s")  # fmt: skip
+                      f"memory: {rows[a]['peak_bytes'] / max(1, rows[b]['peak_bytes']):.2f}x of {b}'s")
 
 
 if __name__ == "__main__":

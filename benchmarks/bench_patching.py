@@ -4,7 +4,7 @@ Every method patches, for each sample and layer set K, the source run's block ou
 target run at position 0 (block l's output for every l in K) and reads the answer's logit and rank at the
 target's last position. All read the same random checkpoint written by transformers' save_pretrained.
 
-  ours            olmo_iv.patching.patch_layers: each source once, the target run, then the set tree (each set
+  ours            olmo_iv.interventions.patching.patch_layers: each source once, the target run, then the set tree (each set
                   starts from its parent's cached residual), rows batched across sets and samples, last-position
                   logits, ranks by counting.
   nnsight-a       nnsight on Olmo2ForCausalLM, the paper's structure: per sample one source trace (saving every
@@ -55,10 +55,10 @@ from common import (
     save_result,
     shape_dict,
     sync,
-    worker_spec,  # fmt: skip
+    worker_spec,
 )
 
-from olmo_iv.patching import _tree, answer_rank, canonical, layer_grid
+from olmo_iv.interventions.patching import _tree, answer_rank, canonical, layer_grid
 
 METHODS = ("ours", "nnsight-b", "nnsight-b-last", "nnsight-a")
 TARGET_POS = 0
@@ -114,7 +114,7 @@ def patched_trace(lm, tgt: torch.Tensor, saved: list[torch.Tensor], layer_set: t
 
 
 def patched_invokes(lm, tgt: torch.Tensor, saved: list[torch.Tensor], sets: list[tuple[int, ...]],
-                    last_only: bool) -> torch.Tensor:  # fmt: skip
+                    last_only: bool) -> torch.Tensor:
     """(b): one trace, one invoke per layer set; returns the last-position logits [K, V]."""
     outs: list = []
     kwargs = {"use_cache": False, **({"logits_to_keep": 1} if last_only else {})}
@@ -166,7 +166,7 @@ def worker(spec: dict) -> None:
     first = tuple(x[:1] for x in samples)
     if method == "ours":
         import olmo_iv
-        from olmo_iv.patching import patch_layers
+        from olmo_iv.interventions.patching import patch_layers
 
         model = olmo_iv.load(spec["checkpoint"], dtype=dtype, device=device)
 
@@ -194,14 +194,14 @@ def worker(spec: dict) -> None:
             peaks.append(mem.bytes)
             result, peak = results[0], max(peaks)
     finish_worker(spec, {"method": method, "runs_s": times, "peak_bytes": peak, "memory_method": mem.method,
-                         "samples": spec["samples"], "sets": len(sets)}, {"result": result})  # fmt: skip
+                         "samples": spec["samples"], "sets": len(sets)}, {"result": result})
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
 
 def flops_per_sample(method: str, shape, sets, source_lens: list[int], target_len: int, *,
-                     attention: bool = True) -> float:  # fmt: skip
+                     attention: bool = True) -> float:
     """Executed GEMM FLOPs per sample, averaged over the samples' source lengths (see common.gemm_flops)."""
     L, T = shape.n_layers, target_len
     src = [Run(1, ls, L, 0) for ls in source_lens]  # every method stops the source run after the last block
@@ -235,9 +235,9 @@ def main() -> None:
     p.add_argument("--source-len", type=int, default=10, help="source lengths vary by up to +-2 around this")
     p.add_argument("--target-len", type=int, default=8)
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} "
-                   "(default: all on CPU; ours,nnsight-b-last on a GPU)")  # fmt: skip
+                   "(default: all on CPU; ours,nnsight-b-last on a GPU)")
     p.add_argument("--repeats", type=int, default=0, help="extra timed runs per process (each process times one "
-                   "run after its warm-up sample; --rounds gives more)")  # fmt: skip
+                   "run after its warm-up sample; --rounds gives more)")
     p.add_argument("--rounds", type=int, default=2, help="times the whole set of processes is run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in every worker (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -269,10 +269,10 @@ def main() -> None:
     mm = matmul_gflops(device, dtype)
     print(f"matmul throughput: {mm['gflops']} GFLOP/s ({mm['n']}x{mm['n']} {mm['dtype']})", flush=True)
     print(f"{len(sets)} layer sets of size {args.layers_size}; samples per method: "
-          + ", ".join(f"{m} {samples_for[m]}" for m in methods), flush=True)  # fmt: skip
+          + ", ".join(f"{m} {samples_for[m]}" for m in methods), flush=True)
     base = dict(checkpoint=str(ckpt), device=device, dtype=args.dtype, n_layers=shape.n_layers,
                 vocab_size=shape.vocab_size, source_len=args.source_len, target_len=args.target_len,
-                seed=args.seed, repeats=args.repeats, threads=args.threads, atol=atol)  # fmt: skip
+                seed=args.seed, repeats=args.repeats, threads=args.threads, atol=atol)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for m in methods:
@@ -291,7 +291,7 @@ def main() -> None:
             "fraction": round(float(((o[..., 0] - o[..., 2]).abs() > atol).double().mean()), 4), "ok": True}
     max_samples = max(samples_for.values())
     source_lens = [len(s) for s in make_samples(max_samples, shape.vocab_size, args.source_len, args.target_len,
-                                                args.seed)[0]]  # fmt: skip
+                                                args.seed)[0]]
     rows = {}
     for m in methods:
         times = [round(t, 4) for r in runs[m] for t in r["runs_s"]]
@@ -301,7 +301,7 @@ def main() -> None:
                    "s_per_sample": round(per_sample, 4),
                    "peak_bytes": int(statistics.median(r["peak_bytes"] for r in runs[m])),
                    "gemm_gflop_per_sample": round(flops / 1e9, 2), "gflops": round(flops / per_sample / 1e9, 1),
-                   "pct_of_matmul": round(100 * flops / per_sample / 1e9 / mm["gflops"], 1)}  # fmt: skip
+                   "pct_of_matmul": round(100 * flops / per_sample / 1e9 / mm["gflops"], 1)}
     if "ours" in rows:
         for r in rows.values():
             r["ours_speedup"] = round(r["s_per_sample"] / rows["ours"]["s_per_sample"], 2)
@@ -313,7 +313,7 @@ def main() -> None:
                 "cache_dir": str(args.cache_dir) if args.cache_dir else None, "out": None,
                 "memory_method": runs[methods[0]][0]["memory_method"],
                 "memory_note": "peak over one run of the method's samples; ours batches samples together, "
-                               "nnsight methods run one sample at a time"}  # fmt: skip
+                               "nnsight methods run one sample at a time"}
     suffix = f"-{args.threads}t" if args.threads else ""
     name = f"patching-{device.split(':')[0]}-{shape.name}-{args.layers_size}L-{args.dtype}{suffix}.json"
     out = args.out or RESULTS / name
@@ -342,7 +342,7 @@ def _agreement(results: dict, sets_for: dict, atol: float) -> dict:
         out[m] = {"compared": int(diff.numel()), "max_abs_logit_diff": float(diff.max()),
                   "ranks_equal": int(equal.sum()),
                   "ranks_within_tie_window": int(within.sum()),
-                  "ok": bool(diff.max() <= atol and within.all())}  # fmt: skip
+                  "ok": bool(diff.max() <= atol and within.all())}
     return out
 
 
@@ -352,7 +352,7 @@ def _print_table(rows: dict, agreement: dict, atol: float, mm: dict) -> None:
 
     t = Table(title=f"patching grid, per sample (matmul throughput {mm['gflops']} GFLOP/s)")
     cols = ("method", "samples", "s / sample", "ours faster by", "peak memory", "GEMM GFLOP / sample", "GFLOP/s",
-            "% matmul", "useful GFLOP/s")  # fmt: skip
+            "% matmul", "useful GFLOP/s")
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for m, r in rows.items():
@@ -360,7 +360,7 @@ def _print_table(rows: dict, agreement: dict, atol: float, mm: dict) -> None:
                   f"{r['s_per_sample']:.3f}",
                   f"{r.get('ours_speedup', float('nan')):.2f}x", fmt_bytes(r["peak_bytes"]),
                   f"{r['gemm_gflop_per_sample']:.1f}", f"{r['gflops']:.1f}", f"{r['pct_of_matmul']:.0f}",
-                  f"{r.get('useful_gflops', float('nan')):.1f}")  # fmt: skip
+                  f"{r.get('useful_gflops', float('nan')):.1f}")
     con = Console(width=160)
     con.print(t)
     for m, a in agreement.items():
@@ -369,7 +369,7 @@ def _print_table(rows: dict, agreement: dict, atol: float, mm: dict) -> None:
             continue
         con.print(f"{m} vs ours: {a['compared']} (sample, set) pairs, max |logit diff| {a['max_abs_logit_diff']:.2e} "
                   f"(atol {atol}), ranks equal {a['ranks_equal']}, within the tie window {a['ranks_within_tie_window']}"
-                  f" -> {'ok' if a['ok'] else 'DISAGREE'}")  # fmt: skip
+                  f" -> {'ok' if a['ok'] else 'DISAGREE'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Issue 7: path tracing, olmo_iv.paths.trace (DP counts, pruned prefix-trie frontier, fused step op, readout by
-counting) against the direct per-path implementation (olmo_iv.paths.trace_direct: enumerate every path, multiply
+"""Issue 7: path tracing, olmo_iv.analysis.paths.trace (DP counts, pruned prefix-trie frontier, fused step op, readout by
+counting) against the direct per-path implementation (olmo_iv.reference.trace_direct: enumerate every path, multiply
 the per-layer maps out head by head for each path, read out with a full argsort, as the reference does).
 
 CPU (default): a small random model and the toy model when olmo_iv/models/toy exists. Both methods trace the
@@ -42,7 +42,8 @@ from common import (
     worker_spec,
 )
 
-from olmo_iv import paths as P
+from olmo_iv import reference as R
+from olmo_iv.analysis import paths as P
 from olmo_iv.model import ModelConfig, OLMo2
 
 CPU_SHAPE = Shape("paths-small", 8, 256, 8, 1024)  # 8 layers, d=256, the real 100352-token vocabulary
@@ -53,7 +54,7 @@ def random_model(shape: Shape, device: str, seed: int = 0) -> OLMo2:
     """Random OLMo-2 of this shape built directly on `device` (a 7B model fills in seconds on a GPU): matrices
     N(0, 0.02) (o_proj, down_proj scaled by 1/sqrt(2L) as init_weights does), norm weights 1 + N(0, 0.1)."""
     cfg = ModelConfig(vocab_size=shape.vocab_size, d_model=shape.d_model, n_layers=shape.n_layers,
-                      n_heads=shape.n_heads, n_kv_heads=shape.n_heads, d_mlp=shape.d_mlp, rope_theta=500000.0)  # fmt: skip
+                      n_heads=shape.n_heads, n_kv_heads=shape.n_heads, d_mlp=shape.d_mlp, rope_theta=500000.0)
     with torch.device("meta"):
         model = OLMo2(cfg)
     model = model.to_empty(device=device).eval().requires_grad_(False)
@@ -96,7 +97,7 @@ def ranks_agree(model: OLMo2, obs: P.Observation, fast: P.PathResult, direct: P.
     different summation order may then order them differently (over 100k logits, near-ties are common)."""
     sur = P.linearize(model, obs)
     for i in (fast.rank != direct.rank).nonzero().flatten().tolist():
-        v = P.path_value_direct(model, obs, sur, direct.graph, direct.tokens[i].tolist(), fast.config.mode)
+        v = R.path_value_direct(model, obs, sur, direct.graph, direct.tokens[i].tolist(), fast.config.mode)
         z = model.lm_head.weight @ (sur.s_fin * v)
         ties = int(((z - z[direct.answer]).abs() <= atol).sum()) - 1
         if abs(int(fast.rank[i]) - int(direct.rank[i])) > ties:
@@ -114,14 +115,14 @@ def compare_cpu(model: OLMo2, label: str, args) -> dict:
     small = P.PathConfig(mode=args.mode, threshold=every, sources=suffix_sources(counts, args.direct_paths))
     big = P.PathConfig(mode=args.mode, threshold=args.threshold, sources=suffix_sources(counts, args.fast_paths))
     t0 = time.perf_counter()
-    direct = P.trace_direct(model, ids, answer, small)
+    direct = R.trace_direct(model, ids, answer, small)
     t_direct = time.perf_counter() - t0
     fast_t = timeit(lambda: P.trace(model, ids, answer, small), "cpu", warmup=1, repeats=3)
     fast = P.trace(model, ids, answer, small)
     n_small = sum(direct.total)
     agree = (len(fast.tokens) == n_small and torch.equal(fast.tokens, direct.tokens)
              and torch.allclose(fast.logit, direct.logit, atol=args.atol, rtol=0)
-             and ranks_agree(model, obs, fast, direct, args.atol))  # fmt: skip
+             and ranks_agree(model, obs, fast, direct, args.atol))
     if not agree:
         raise SystemExit(f"{label}: the fast and the direct trace disagree; not reporting timings")
     big_result = P.trace(model, ids, answer, big)
@@ -130,7 +131,7 @@ def compare_cpu(model: OLMo2, label: str, args) -> dict:
     sur = P.linearize(model, obs)
     graph = P.AttnGraph(obs.argmax, obs.amax)
     values_t = timeit(lambda: [None for _ in P.iter_path_values(model, obs, sur, graph, big.source_positions(len(ids)),
-                                                                args.mode, big.chunk)], "cpu", warmup=0, repeats=2)  # fmt: skip
+                                                                args.mode, big.chunk)], "cpu", warmup=0, repeats=2)
     return {"model": label, "prompt": what, "mode": args.mode, "paths_per_source": counts,
             "direct": {"sources": small.sources, "paths": n_small, "seconds": round(t_direct, 4),
                        "paths_per_s": round(n_small / t_direct, 1),
@@ -140,7 +141,7 @@ def compare_cpu(model: OLMo2, label: str, args) -> dict:
             "speedup": round(t_direct / fast_t["best_s"], 1),
             "fast_big": {"sources": big.sources, "paths": n_big, "seconds": round(big_t["best_s"], 4),
                          "paths_per_s": round(n_big / big_t["best_s"], 1), "kept": len(big_result.tokens),
-                         "values_only_seconds": round(values_t["best_s"], 4)}, "agree": agree}  # fmt: skip
+                         "values_only_seconds": round(values_t["best_s"], 4)}, "agree": agree}
 
 
 def worker(spec: dict) -> None:
@@ -154,7 +155,7 @@ def worker(spec: dict) -> None:
     obs = P.observe(model, ids)
     counts = P.AttnGraph(obs.argmax, obs.amax).count_paths()
     cfg = P.PathConfig(mode=spec["mode"], threshold=spec["threshold"], sources=suffix_sources(counts, spec["budget"]),
-                       chunk=spec["chunk"], readout_chunk=spec["readout_chunk"])  # fmt: skip
+                       chunk=spec["chunk"], readout_chunk=spec["readout_chunk"])
     warm = P.PathConfig(mode=cfg.mode, sources=f"{len(ids) - 1}:", chunk=cfg.chunk)
     P.trace(model, ids, answer, warm)  # compiles the Triton kernels / warms cuBLAS
     sync(device)
@@ -168,7 +169,7 @@ def worker(spec: dict) -> None:
                          "paths": n, "kept": len(r.tokens), "seconds": round(seconds, 4),
                          "paths_per_s": round(n / seconds, 1), "peak_bytes": mem.bytes, "peak": fmt_bytes(mem.bytes),
                          "peak_method": mem.method, "chunk": cfg.chunk, "readout_chunk": cfg.readout_chunk,
-                         "paths_per_source": counts})  # fmt: skip
+                         "paths_per_source": counts})
 
 
 def gpu_runs(args) -> list[dict]:
@@ -178,7 +179,7 @@ def gpu_runs(args) -> list[dict]:
             os.environ["OLMO_IV_TRITON"] = triton_on
             spec = {"device": args.device, "shape": shape_name, "seed": args.seed, "tokens": args.tokens,
                     "mode": args.mode, "threshold": args.threshold, "budget": args.gpu_paths, "chunk": args.chunk,
-                    "readout_chunk": args.readout_chunk, "method": f"{shape_name} triton={triton_on}"}  # fmt: skip
+                    "readout_chunk": args.readout_chunk, "method": f"{shape_name} triton={triton_on}"}
             rows.append({"shape_name": shape_name, **run_worker(Path(__file__), spec)})
     os.environ.pop("OLMO_IV_TRITON", None)
     return rows
@@ -221,7 +222,7 @@ def main() -> None:
               f"{d['paths_per_s']:.0f} paths/s | fast: {f['seconds']:.4f} s, {f['paths_per_s']:.0f} paths/s | "
               f"speed-up {row['speedup']}x\n"
               f"{'':>20} | fast {b['paths']} paths (sources {b['sources']}): {b['seconds']:.3f} s, "
-              f"{b['paths_per_s']:.0f} paths/s (values alone {b['values_only_seconds']:.3f} s)")  # fmt: skip
+              f"{b['paths_per_s']:.0f} paths/s (values alone {b['values_only_seconds']:.3f} s)")
     for row in payload["shaped"]:
         print(f"{row['shape_name']:>8} triton={row['triton']}: {row['paths']} paths (sources {row['sources']}), "
               f"{row['seconds']:.3f} s, {row['paths_per_s']:.0f} paths/s, peak {row['peak']}")

@@ -54,7 +54,7 @@ class Shape:
 
     def with_layers(self, n_layers: int) -> Shape:
         return Shape(self.name if n_layers == self.n_layers else f"{self.name}-{n_layers}L", n_layers,
-                     self.d_model, self.n_heads, self.d_mlp, self.vocab_size)  # fmt: skip
+                     self.d_model, self.n_heads, self.d_mlp, self.vocab_size)
 
 
 SHAPES = {
@@ -69,7 +69,7 @@ SHAPES = {
 
 
 def make_checkpoint(shape: Shape, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    cache_dir: Path | None = None) -> Path:  # fmt: skip
+                    cache_dir: Path | None = None) -> Path:
     """A random `Olmo2ForCausalLM` of this shape written by `save_pretrained`, cached by (shape, seed, dtype).
 
     The norm weights are perturbed (all-ones would hide mix-ups between implementations). Built on `device` (a
@@ -86,7 +86,7 @@ def make_checkpoint(shape: Shape, *, seed: int = 0, dtype: torch.dtype = torch.f
     cfg = Olmo2Config(vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
                       num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
                       num_key_value_heads=shape.n_heads, rms_norm_eps=1e-6, rope_theta=500000.0,
-                      tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)  # fmt: skip
+                      tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     torch.manual_seed(seed)
     with torch.device(device):
         hf = Olmo2ForCausalLM._from_config(cfg, dtype=dtype).eval()
@@ -117,11 +117,11 @@ def machine(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": _lscpu().get("Model name", platform.processor() or "unknown"),
                             "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                             "memory_gib": round(_meminfo().get("MemTotal", 0) / 2**20, 1),
-                            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+                            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    float32_matmul_precision=torch.get_float32_matmul_precision())  # fmt: skip
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
     return info
 
 
@@ -213,7 +213,7 @@ class PeakMemory:
             import resource
 
             peak = _status_kib("VmHWM") * 1024 if "VmHWM" in self.method else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # fmt: skip
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.bytes = max(0, peak - self.base)
 
 
@@ -263,7 +263,7 @@ def run_worker(script: str | Path, spec: dict[str, Any], *, timeout: float | Non
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, str(script), "--worker", str(spec_path)], timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": _pythonpath()})  # fmt: skip
+                              env={**os.environ, "PYTHONPATH": _pythonpath()})
         if proc.returncode != 0:
             raise OlmoIVError(f"the {spec.get('method')} worker failed (exit {proc.returncode}); see its output above")
         result = json.loads(Path(spec["out"]).read_text())
@@ -295,7 +295,7 @@ def finish_worker(spec: dict[str, Any], result: dict[str, Any], tensors: dict[st
 def save_result(path: Path, bench: str, settings: dict[str, Any], payload: dict[str, Any], device: str) -> Path:
     """The JSON beside the printed table: date, machine, versions, settings and the measured numbers."""
     record = {"benchmark": bench, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(device), "versions": _versions(), "settings": settings, **payload}  # fmt: skip
+              "machine": machine(device), "versions": _versions(), "settings": settings, **payload}
     return write_json(path, record)
 
 
@@ -307,9 +307,9 @@ def _versions() -> dict[str, str]:
     try:  # the commit measured, and whether the working tree differed from it
         git = ["git", "-C", str(root)]
         out["git_commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           timeout=10).stdout.strip()  # fmt: skip
+                                           timeout=10).stdout.strip()
         dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()  # fmt: skip
+                               text=True, timeout=10).stdout.strip()
         out["git_dirty"] = str(bool(dirty))
     except (OSError, subprocess.SubprocessError):
         pass

@@ -1,5 +1,8 @@
 """The Typer application that every command module registers itself on."""
 
+import sys
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -31,8 +34,38 @@ def _setup(
     auto_cpu_threads(threads)
 
 
-def progress_bar(console: Console, unit: str = "", transient: bool = False) -> Progress:
+# Options that mean the same in every command (docs/cli.md: one meaning per flag).
+MODE_HELP = ("Prompts and answer rules: faithful (the paper's text; the default everywhere) or reference (the "
+             "authors' code, bugs included, to reproduce their tables).")
+DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps.")
+DTYPE = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16.")
+OVERWRITE = typer.Option(False, help="Discard the run in --out and compute it again. Without it, a run with the same "
+                         "settings continues where it stopped, and a finished one says where its results are.")
+
+
+def out_option(default: str):
+    return typer.Option(Path(default), "--out", "-o", help="Run folder.")
+
+
+def console() -> Console:
+    """The console every command prints on: wide enough that a piped table is not cut at 80 columns."""
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def progress_bar(console: Console, unit: str = "", transient: bool = True) -> Progress:
     """The progress bar every long command shows: description, bar, done/total [unit], elapsed, remaining."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(unit)] if unit else []
     return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+
+
+def bar_callback(bar: Progress):
+    """The library's progress callback (olmo_iv.progress.ProgressFn), drawn as one rich bar per label."""
+    tasks: dict[str, int] = {}
+
+    def progress(label: str, advance: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total or None)
+        bar.update(tasks[label], advance=advance)
+
+    return progress

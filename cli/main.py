@@ -1,38 +1,37 @@
 """Entry point of the `olmo-iv` command: a thin layer over the library.
 
-Each command lives in its own module and registers itself on `cli.app.app`; importing them here is all
-that wires them up. Library errors (`OlmoIVError`) are printed as one clear message, never a traceback.
+Each command module registers its command(s) on `olmo_iv.cli.app.app`; importing them here wires them up.
+Library errors (`OlmoIVError`) are printed as one clear message, never a traceback; the Python parameters they
+name (`device='cuda'`, `overwrite=True`) are shown as this command line's flags.
 """
 
-import importlib
+import re
 import sys
 
+from olmo_iv.cli import eval, ifeval, patch, paths, probe, sae, stats, steer, tasks, train_toy  # noqa: F401  (registers the commands)
+from olmo_iv.cli.app import app as _typer_app
 from rich.console import Console
+from rich.markup import escape
 
-from cli.app import app as _typer_app
 from olmo_iv.errors import OlmoIVError
+from olmo_iv.runs.store import RunFinished
 
-COMMAND_MODULES: tuple[str, ...] = (
-    # one line per command module; each registers its command(s) on cli.app.app
-    "cli.tasks",
-    "cli.stats",
-    "cli.probe",
-    "cli.patch",
-    "cli.eval",
-    "cli.train_toy",
-    "cli.paths",
-    "cli.sae",
-)
+_PARAM = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)=(True\b)?")
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name)
+
+def as_flags(message: str) -> str:
+    """'device='cuda'' -> '--device 'cuda'', 'overwrite=True' -> '--overwrite': the library names its Python
+    parameters, the command line its flags (parameters and flags share their names, '_' written '-')."""
+    return _PARAM.sub(lambda m: f"--{m.group(1).replace('_', '-')}" + ("" if m.group(2) else " "), message)
 
 
 def app() -> None:
     try:
         _typer_app()
+    except RunFinished as done:
+        Console().print(escape(as_flags(str(done))), highlight=False)
     except OlmoIVError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(as_flags(str(err)))}", highlight=False)
         sys.exit(2)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from olmo_iv.cli.app import DEVICE, MODE_HELP, OVERWRITE, app, bar_callback, console, out_option, progress_bar
+from rich.markup import escape
 from rich.table import Table
-
-from cli.app import app, progress_bar
 
 
 @app.command("paths")
@@ -16,44 +15,38 @@ def paths(
     model: str = typer.Option("toy", "--model", "-m", help="Built-in name (toy, toy-base), local folder or hub id."),
     task: str = typer.Option("adjectives/adj_comp", "--task", "-t", help="Task name (see `olmo-iv tasks`)."),
     samples: int = typer.Option(100, help="Samples: the first N rows in file order (Figures 4 and 5 use 100)."),
-    mode: str = typer.Option("reference", help="reference (the authors' code: all-heads OV, identity on every edge), "
-                             "masked_heads (only the heads on the edge) or attn_weighted (those heads times a_ij, Eq. 3)."),
+    trace: str = typer.Option("reference", help="Tracing: reference (the authors' code: all-heads OV, identity on every "
+                              "edge), masked_heads (only the heads on the edge) or attn_weighted (those heads times a_ij, Eq. 3)."),
     threshold: int = typer.Option(100, help="Keep paths that rank the answer <= this (1 = top)."),
     sources: str = typer.Option("all", help="Source tokens: all, 'A:' (A to the end, the reference's start_pos), 'A:B' or '3,7,8'."),
-    prompt_mode: str = typer.Option("reference", help="Prompt/answer-token construction of olmo_iv.tasks: reference or faithful."),
+    mode: str = typer.Option("faithful", help=MODE_HELP),
     head_token: list[int] = typer.Option(None, "--head-token", help="Source position of a Figure-5 heatmap; repeatable. Default: T_inst."),
     chunk: int = typer.Option(4096, help="Path vectors per step (memory ~ layers x chunk x d_model floats)."),
     readout_chunk: int = typer.Option(256, help="Path vectors per unembedding matmul (memory ~ readout_chunk x vocab floats)."),
     max_paths: int = typer.Option(10**9, help="Refuse samples with more paths than this (counted before any work)."),
-    out: Path = typer.Option(Path("runs/paths"), "--out", "-o", help="Run folder."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
-    resume: bool = typer.Option(False, help="Finish an interrupted run in --out (same settings)."),
+    out: Path = out_option("runs/paths"),
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Trace the paths that carry the answer from each input token to the output through the argmax-attention
     graph, keep those whose logits rank the answer within --threshold, and report kept paths per source token
     (Figure 4) and head activity (Figure 5). Writes per-sample CSV/JSON, aggregate CSVs, summary.json and PNGs."""
-    from olmo_iv.paths import PathConfig, PathRunSettings, run_paths
+    from olmo_iv.analysis.paths import PathConfig
+    from olmo_iv.runs.paths import PathRunSettings, run_paths
 
-    console = Console()
-    settings = PathRunSettings(model=model, task=task, samples=samples, prompt_mode=prompt_mode,
-                               trace=PathConfig(mode=mode, threshold=threshold, sources=sources, chunk=chunk,
+    con = console()
+    settings = PathRunSettings(model=model, task=task, samples=samples, prompt_mode=mode,
+                               trace=PathConfig(mode=trace, threshold=threshold, sources=sources, chunk=chunk,
                                                 readout_chunk=readout_chunk, max_paths=max_paths),
-                               head_tokens=head_token or [], device=device)  # fmt: skip
-    with progress_bar(console, unit="paths", transient=True) as bar:
-        bars: dict[str, int] = {}
-
-        def progress(description: str, done: int, total: int) -> None:
-            if description not in bars:
-                bars[description] = bar.add_task(description, total=total)
-            bar.update(bars[description], completed=done)
-
-        summary = run_paths(settings, out, resume=resume, progress=progress)
-    table = Table(title=f"{model} · {task} · {mode}: mean kept paths (rank <= {threshold}) per source token, "
-                        f"{summary['n_samples']} samples")  # fmt: skip
+                               head_tokens=head_token or [], device=device)
+    with progress_bar(con, unit="paths") as bar:
+        summary = run_paths(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    table = Table(title=f"{model} · {task} · {trace}: mean kept paths (rank <= {threshold}) per source token, "
+                        f"{summary['n_samples']} samples")
     for name in ("position", "mean kept", "mean total"):
         table.add_column(name, justify="right")
     for t, (k, n) in enumerate(zip(summary["mean_kept_paths"], summary["mean_total_paths"], strict=True)):
         if n:
             table.add_row(str(t), f"{k:.2f}", f"{n:.4g}")
-    console.print(table)
-    console.print(f"[green]wrote[/] {', '.join(str(out / f) for f in summary['files'])}")
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ ({', '.join(summary['files'])})")

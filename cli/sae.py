@@ -7,10 +7,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import OVERWRITE, app, out_option, progress_bar
+from olmo_iv.cli.app import console as _console
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app, progress_bar
 from olmo_iv.errors import OlmoIVError
 
 sae_app = typer.Typer(help="Sparse autoencoders: train on a model's activations, evaluate, inspect latents.",
@@ -27,7 +28,7 @@ def _flags(**renames: str):
         msg = str(err)
         for param, flag in renames.items():
             msg = re.sub(rf"(?<![\w.-]){re.escape(param)}=", f"{flag} ", msg)
-        raise OlmoIVError(msg) from err
+        raise type(err)(msg) from err  # keep the type: RunFinished is not a failure
 
 
 def _hook(layer: int | None, hook: str | None) -> str:
@@ -76,15 +77,16 @@ def train(
     windows_per_buffer: int = typer.Option(64, help="Windows per shuffling buffer."),
     model_batch: int = typer.Option(16, help="Windows per forward pass while harvesting."),
     cache_dir: str = typer.Option(None, help="Keep harvested activations here (safetensors shards) for repeated runs."),
-    out: Path = typer.Option(Path("runs/sae"), "--out", "-o", help="Run folder."),
-    resume: bool = typer.Option(False, help="Continue the interrupted run in --out from its last checkpoint."),
+    out: Path = out_option("runs/sae"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train an SAE on one hook point's activations over a text source; writes the SAE (SAELens format),
-    history, held-out metrics and a run record to --out."""
+    history, held-out metrics and a summary to --out. The same command on the same folder continues a killed
+    run from its last checkpoint."""
     from olmo_iv.runs.sae import SAETrainSettings, train_run
     from olmo_iv.sae.train import TrainConfig
 
-    console = Console()
+    console = _console()
     with _flags(**TRAIN_FLAGS):
         tc = TrainConfig(architecture=architecture, expansion=expansion, d_sae=d_sae, k=k, l1_coefficient=l1_coefficient,
                          auxk_alpha=auxk_alpha, dead_tokens=dead_tokens, optimizer=optimizer, lr=lr,
@@ -101,9 +103,9 @@ def train(
                 bar.update(task, completed=done, description=f"training  FVU {info['fvu']:.3f}  L0 {info['l0']:.1f}  "
                                                              f"dead {100 * info['dead']:.1f}%")
 
-            run = train_run(settings, out, resume=resume, progress=progress)
+            run = train_run(settings, out, overwrite=overwrite, progress=progress)
     _print_metrics(console, run.get("metrics", {}))
-    console.print(f"[green]wrote[/] {out}/sae (SAELens format), {out}/metrics.json, {out}/history.json, {out}/run.json")
+    console.print(f"[green]wrote[/] {out}/sae (SAELens format), {out}/metrics.json, {out}/history.json, {out}/summary.json")
 
 
 def _print_metrics(console: Console, metrics: dict) -> None:
@@ -127,16 +129,17 @@ def evaluate(
     hook: str = typer.Option(None, help="Hook point (default: the one the SAE records)."),
     context_size: int = typer.Option(64, help="Tokens per window."),
     max_windows: int = typer.Option(64, help="Windows evaluated."),
-    out: Path = typer.Option(None, "--out", "-o", help="Write metrics.json here."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder for metrics.json (default: print only)."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """FVU, mean L0 and dead fraction of an SAE, and the model's CE recovered and KL with it spliced in."""
     from olmo_iv.runs.sae import eval_run
 
-    console = Console()
+    console = _console()
     with _flags(hook_name="--hook", context_size="--context-size", max_windows="--max-windows", source="--source",
                 text_field="--text-field"):
         result = eval_run(sae, model=model, source=source, out=out, hook_name=hook, context_size=context_size,
-                          max_windows=max_windows, text_field=text_field)
+                          max_windows=max_windows, text_field=text_field, overwrite=overwrite)
     _print_metrics(console, {"reconstruction": result["reconstruction"], "spliced": result["spliced"]})
     if out is not None:
         console.print(f"[green]wrote[/] {out}/metrics.json")
@@ -159,7 +162,7 @@ def inspect(
     from olmo_iv.sae.analysis import decode_ids, logit_lens, top_contexts
     from olmo_iv.sae.data import read_texts, token_windows
 
-    console = Console()
+    console = _console()
     with _flags(latent="--latent", k="--top", context_size="--context-size", max_windows="--max-windows",
                 source="--source"):
         s = SAE.load(sae)

@@ -1,4 +1,4 @@
-"""`olmo-iv stats RUN_DIR`: superadditivity tests on a patching run (olmo_iv.stats)."""
+"""`olmo-iv stats RUN_DIR`: superadditivity tests on a patching run (olmo_iv.analysis.superadditivity)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from olmo_iv.cli.app import app, console
+from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app
-from olmo_iv.stats import METRICS, ReferenceRow, SoundRow, StatsConfig, run_stats
+from olmo_iv.analysis.superadditivity import METRICS, ReferenceRow, SoundRow, StatsConfig
+from olmo_iv.runs.stats import run_stats
 
 
 def _f(x: float, fmt: str = ".2f") -> str:
@@ -22,15 +23,15 @@ def _sound_table(rows: list[SoundRow], cfg: StatsConfig) -> Table:
     pct = round(cfg.confidence * 100)
     t = Table(title=f"Superadditivity ({cfg.metric}): {r0.model} / {r0.task} / {r0.mode} / target_pos={r0.target_pos}",
               caption=f"top {min(cfg.top, len(rows))} of {len(rows)} tested sets by mean margin; q: {cfg.fdr.upper()} over all "
-                      f"{len(rows)}; * q_W <= {cfg.alpha}")  # fmt: skip
+                      f"{len(rows)}; * q_W <= {cfg.alpha}")
     for name in ("layers", f"mean [{pct}% CI]", f"median [{pct}% CI]", f"r_rb [{pct}% CI]", "k+/k-/k0", "p_W",
-                 "q_W", "p_sign", "q_sign"):  # fmt: skip
+                 "q_W", "p_sign", "q_sign"):
         t.add_column(name, justify="left" if name == "layers" else "right")
     for r in rows[: cfg.top]:
         t.add_row(r.layers + (" *" if r.significant else ""), f"{_f(r.mean)} [{_f(r.mean_lo)}, {_f(r.mean_hi)}]",
                   f"{_f(r.median)} [{_f(r.median_lo)}, {_f(r.median_hi)}]",
                   f"{_f(r.rank_biserial)} [{_f(r.rb_lo)}, {_f(r.rb_hi)}]", f"{r.n_pos}/{r.n_neg}/{r.n_zero}",
-                  _f(r.p_wilcoxon, ".1e"), _f(r.q_wilcoxon, ".1e"), _f(r.p_sign, ".1e"), _f(r.q_sign, ".1e"))  # fmt: skip
+                  _f(r.p_wilcoxon, ".1e"), _f(r.q_wilcoxon, ".1e"), _f(r.p_sign, ".1e"), _f(r.q_sign, ".1e"))
     return t
 
 
@@ -38,7 +39,7 @@ def _reference_table(rows: list[ReferenceRow]) -> Table:
     r0 = rows[0]
     t = Table(title=f"The authors' test (reproduced, not evidence): {r0.model} / {r0.task} / target_pos={r0.target_pos}",
               caption=f"top {len(rows)} by mean {r0.select_metric}, tested on {r0.test_metric}; "
-                      "ttest_1samp(0/1, popmean=50): t encodes only k")  # fmt: skip
+                      "ttest_1samp(0/1, popmean=50): t encodes only k")
     for name in ("tuple", f"mean {r0.select_metric}", "k/n", "t", "p"):
         t.add_column(name, justify="right")
     for r in rows:
@@ -65,7 +66,7 @@ def stats_command(
     authors' t-test reproduced as is. Writes stats_sound_<metric>.{csv,tex,json}, stats_reference.{csv,tex}."""
     cfg = StatsConfig(metric=metric, alpha=alpha, fdr=fdr, confidence=confidence, n_boot=n_boot, seed=seed, top=top)
     result = run_stats(run_dir, cfg, tasks=task or None, target_pos=target_pos, reference_select=reference_select)
-    console = Console()
+    con = console()
     groups: dict[tuple, list] = {}
     for r in result.sound:
         groups.setdefault((r.model, r.task, r.mode, r.target_pos), []).append(r)
@@ -73,6 +74,6 @@ def stats_command(
     for r in result.reference:
         refs.setdefault((r.model, r.task, r.mode, r.target_pos), []).append(r)
     for key, rows in groups.items():
-        console.print(_sound_table(rows, cfg))
-        console.print(_reference_table(refs[key]))
-    console.print("wrote " + ", ".join(str(p) for p in result.files))
+        con.print(_sound_table(rows, cfg))
+        con.print(_reference_table(refs[key]))
+    con.print("files: " + escape(", ".join(str(p) for p in result.files)))

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import typer
+from olmo_iv.cli.app import MODE_HELP, app, console
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app
 from olmo_iv import tasks as T
 from olmo_iv.errors import OlmoIVError
 
@@ -70,7 +70,7 @@ def _show(console: Console, tokenizer, enc: T.Encoded) -> None:
     marks[enc.t_inst] = "bold reverse green"
     console.print(f"[bold]{'tokens':>7}[/] {_strip(tokenizer, enc.clean_ids, marks)}", soft_wrap=True)
     console.print(f"[bold]{'target':>7}[/] {_strip(tokenizer, enc.target_ids, {enc.target_pos: 'bold reverse cyan'})}",
-                  soft_wrap=True)  # fmt: skip
+                  soft_wrap=True)
     more = (
         f" [yellow](label spans {enc.answer_n_tokens} tokens; the metric uses the first)[/]"
         if enc.answer_n_tokens > 1
@@ -89,9 +89,7 @@ def tasks_command(
     name: str | None = typer.Argument(None, help="Task to show (e.g. adjectives/adj_comp); none: list them."),
     model: str | None = typer.Option(None, "--model", help="Use this model's tokenizer (default: toy)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder holding a tokenizer.json."),
-    mode: str = typer.Option(
-        "reference", "--mode", help="reference (the authors' code) or faithful (the paper)."
-    ),
+    mode: str = typer.Option("faithful", "--mode", help=MODE_HELP),
     n: int = typer.Option(5, "--samples", "-n", help="How many samples to show (the first N rows)."),
     seed: int | None = typer.Option(None, "--seed", help="Show a seeded random subset of N rows instead."),
     filler: str | None = typer.Option(None, "--filler", help="Faithful mode's filler: a token or an id."),
@@ -106,7 +104,7 @@ def tasks_command(
         for tname in T.list_tasks():
             t = T.get_task(tname)
             rows.append({"task": t.name, "kind": t.kind, "samples": T.n_samples(tname), "field": t.field,
-                         "instruction": t.instruction, "options": list(t.options)})  # fmt: skip
+                         "instruction": t.instruction, "options": list(t.options)})
         if as_json:
             _print_json(rows)
             return
@@ -122,7 +120,7 @@ def tasks_command(
                 else f"{r['options'][0]} … {r['options'][-1]}"
             )
             table.add_row(r["task"], str(r["samples"]), escape(opts), escape(r["instruction"]))
-        Console(highlight=False).print(table)
+        console().print(table)
         return
 
     chosen = T.samples(
@@ -133,11 +131,11 @@ def tasks_command(
     if as_json:
         _print_json([e.to_dict() for e in encoded])
         return
-    console = Console(highlight=False)
+    con = console()
     for e in encoded:
-        _show(console, tok, e)
+        _show(con, tok, e)
     rep = T.answer_report(encoded)
-    console.rule()
-    console.print(f"{rep['n_multi_token']} of {rep['n_samples']} labels span several tokens"
+    con.rule()
+    con.print(f"{rep['n_multi_token']} of {rep['n_samples']} labels span several tokens"
                   + (f" ({escape(', '.join(rep['multi_token'][:8]))}{', …' if len(rep['multi_token']) > 8 else ''})"
-                     if rep["multi_token"] else "") + "; the metric uses the first token, as the paper does.")  # fmt: skip
+                     if rep["multi_token"] else "") + "; the metric uses the first token, as the paper does.")

@@ -1,16 +1,16 @@
-"""`olmo-iv train-toy`: retrain the shipped toy models (olmo_iv.train_toy), evaluate them, write training.json."""
+"""`olmo-iv train-toy`: retrain the shipped toy models (olmo_iv.toy.train), evaluate them, write training.json."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from olmo_iv.cli.app import app, bar_callback, progress_bar
+from olmo_iv.cli.app import console as make_console
 from rich.table import Table
 
-from cli.app import app
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.train_toy import ToyConfig, build
+from olmo_iv.toy.train import ToyConfig, build
 
 _DEFAULT = ToyConfig()
 
@@ -18,7 +18,7 @@ _DEFAULT = ToyConfig()
 @app.command("train-toy")
 def train_toy_command(
     out: Path = typer.Option(Path("runs/toy-models"), help="Folder that receives toy/ and toy-base/. "
-                             "`--out olmo_iv/models` replaces the models shipped with the package."),  # fmt: skip
+                             "`--out olmo_iv/models` replaces the models shipped with the package."),
     which: str = typer.Option("both", help="toy, toy-base or both."),
     seed: int = typer.Option(_DEFAULT.seed, help="Seed of the split, the weights and the data order."),
     steps: int = typer.Option(_DEFAULT.steps, help="Optimiser steps."),
@@ -30,14 +30,18 @@ def train_toy_command(
     Deterministic for a seed; a killed run resumes from its last checkpoint when restarted with the same settings.
     """
     if which not in ("toy", "toy-base", "both"):
-        raise OlmoIVError(f"--which must be toy, toy-base or both, not {which!r}")
+        raise OlmoIVError(f"which={which!r}: use toy, toy-base or both")
     if steps < 1 or threads < 1:
-        raise OlmoIVError("--steps and --threads must be at least 1")
-    console = Console()
+        raise OlmoIVError(f"steps={steps}, threads={threads}: both must be at least 1")
+    console = make_console()
     names = ["toy", "toy-base"] if which == "both" else [which]
     for name in names:
         cfg = ToyConfig(control=name == "toy-base", seed=seed, steps=steps, threads=threads)
-        rep = build(cfg, out / name, progress=not quiet)
+        if quiet:
+            rep = build(cfg, out / name)
+        else:
+            with progress_bar(console) as bar:
+                rep = build(cfg, out / name, progress=bar_callback(bar))
         m = rep["metrics"]
         t = Table(title=f"{name}: {out / name} ({rep['size_mb']:.2f} MB, trained in {rep['train_seconds']:.0f} s)")
         for col in ("subtask", "exact match, Table-1 instr.", "exact match, held-out rephrasings"):

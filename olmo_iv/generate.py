@@ -9,13 +9,16 @@ so the tokens equal `Olmo2ForCausalLM.generate(do_sample=False)` on the same che
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from olmo_iv.activations import locate_nonfinite
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.model import KVCache, OLMo2
+from olmo_iv.progress import ProgressFn
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -69,9 +72,26 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Te
     return ids, mask
 
 
+@dataclass
+class GenerationState:
+    """Where a batch's forward pass is, for hooks that treat prompt and generated positions differently.
+
+    Rows are left-padded, so in every row the prompt occupies positions < prompt_len and the k-th generated token
+    sits at position prompt_len + k; `offset` is the position of the first token the current forward sees (0 for
+    the prefill and for every full recompute, the cache length otherwise)."""
+
+    prompt_len: int
+    offset: int = 0
+
+
+HookFactory = Callable[[GenerationState], dict]
+"""Builds the hooks of one batch (a `model.hooks` spec) from its GenerationState, which the loop keeps current."""
+
+
 @torch.inference_mode()
 def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens: int, stop: Tensor | None,
-                    use_cache: bool) -> list[list[int]]:  # fmt: skip
+                    use_cache: bool, hooks: HookFactory | None = None,
+                    generator: torch.Generator | None = None, temperature: float = 1.0) -> list[list[int]]:
     device = model.device
     ids, mask = left_pad(rows)
     ids, mask = ids.to(device), mask.to(device)
@@ -79,14 +99,31 @@ def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens:
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[Tensor] = []
     cache = KVCache.empty(model.config.n_layers) if use_cache else None
+    state = GenerationState(prompt_len=ids.shape[1])
+    with model.hooks(hooks(state) if hooks is not None else {}):
+        return _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens, stop, use_cache,
+                            generator, temperature)
+
+
+def _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens, stop, use_cache, generator,
+                 temperature) -> list[list[int]]:
+    B = ids.shape[0]
     step_ids = ids
     for _ in range(max_new_tokens):
         if use_cache:
+            state.offset = cache.length
             logits = model(step_ids, attention_mask=mask, kv_cache=cache, logits_at=-1)
         else:  # the straightforward path: recompute the whole sequence every step
+            state.offset = 0
             logits = model(ids, attention_mask=mask, logits_at=-1)
-        # argmax returns the first maximum, as torch.argmax in transformers' greedy search does
-        nxt = logits.argmax(-1)
+        if not bool(torch.isfinite(logits[~done]).all()):  # argmax of NaN logits is a silent wrong token
+            bad = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
+            locate_nonfinite(model, [rows[i] for i in bad[:2]], "logits in generation")
+        if generator is None:  # argmax returns the first maximum, as torch.argmax in transformers' greedy search
+            nxt = logits.argmax(-1)
+        else:  # sampling: one draw per row from softmax(logits / temperature), reproducible for a seed
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
         new.append(nxt)
         if stop is not None:
             done |= stop[nxt]
@@ -119,7 +156,10 @@ def generate(
     batch_size: int = 32,
     tokenizer=None,
     use_cache: bool = True,
-    progress: bool = False,
+    progress: ProgressFn | None = None,
+    hooks: HookFactory | None = None,
+    seed: int | None = None,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt; returns the new token ids only, one list per prompt, in order.
 
@@ -128,6 +168,8 @@ def generate(
         tokenizer); stop_ids: further tokens that end a row (e.g. EOS). The stopping token is kept in the
         output, as transformers keeps EOS; without a stop, each row has exactly max_new_tokens tokens.
     use_cache: False recomputes the full sequence at every step (the reference path the cache is tested against).
+    hooks: a function of each batch's GenerationState that returns the hooks to hold during that batch (steering).
+    seed: sample with this seed (softmax of logits / temperature) instead of decoding greedily.
     """
     if max_new_tokens < 0:
         raise OlmoIVError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -147,7 +189,7 @@ def generate(
     if stop_at_newline:
         if tok is None:
             raise OlmoIVError("stop_at_newline needs a tokenizer (the model has none): pass tokenizer= "
-                              "or stop_at_newline=False")  # fmt: skip
+                              "or stop_at_newline=False")
         stop |= newline_mask(tok, V)
     for s in stop_ids:
         if not 0 <= int(s) < V:
@@ -159,19 +201,21 @@ def generate(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        batches = track(batches, description="generating", transient=True)
+    if seed is not None and not temperature > 0:
+        raise OlmoIVError(f"temperature={temperature}: sampling needs a temperature > 0")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for batch in batches:
-        gens = _generate_batch(model, [rows[i] for i in batch], max_new_tokens, stop_t, use_cache)
+        gens = _generate_batch(model, [rows[i] for i in batch], max_new_tokens, stop_t, use_cache, hooks, generator,
+                               temperature)
         for i, gen in zip(batch, gens, strict=True):
             out[i] = gen
+        if progress is not None:
+            progress("generating", len(batch), len(rows))
     return out
 
 
 def generate_text(model: OLMo2, prompts: list[list[int]] | list[str], *, tokenizer=None,
-                  skip_special_tokens: bool = False, **kwargs) -> list[str]:  # fmt: skip
+                  skip_special_tokens: bool = False, **kwargs) -> list[str]:
     """`generate`, decoded: the continuation of each prompt as a string (stop token included, unless it is a
     special token and skip_special_tokens is set, as vLLM drops a generated EOS from its text)."""
     tok = tokenizer if tokenizer is not None else model.tokenizer

@@ -46,6 +46,10 @@ BLOCK_HOOKS = (
 )
 
 
+FINITE_CHECKED = ("attn.hook_out", "hook_attn_out", "mlp.hook_out", "hook_mlp_out", "hook_resid_post")
+"""Per-block points that `check_finite` watches, in forward order."""
+
+
 def block_hook_names(layer: int) -> dict[str, str]:
     """Short name -> full name for one block, e.g. 'hook_resid_post' -> 'blocks.3.hook_resid_post'."""
     return {short: f"blocks.{layer}.{short}" for short in BLOCK_HOOKS}
@@ -147,17 +151,19 @@ class HookedMixin:
     def run_with_cache(
         self,
         ids: Tensor,
-        names: Iterable[str] | Callable[[str], bool] | None = None,
+        names: str | Iterable[str] | Callable[[str], bool] | None = None,
         *,
         device: torch.device | str | None = None,
         **forward_kwargs,
     ) -> tuple[Tensor, ActivationCache]:
         """Run a forward pass and return (output, cache of the activations at `names`).
 
-        `names` is a list of hook names, a predicate over names, or None for every hook point (memory-hungry on
+        `names` is a hook name, a list of them, a predicate over names, or None for every hook point (memory-hungry on
         big models: ask for what you need). Cached tensors are detached copies, optionally moved to `device`.
         """
         valid = self.hook_names()
+        if isinstance(names, str):  # one name, not its characters
+            names = [names]
         if names is None:
             wanted = valid
         elif callable(names):
@@ -173,3 +179,27 @@ class HookedMixin:
         with self.hooks([(n, save) for n in wanted]):
             out = self(ids, **forward_kwargs)  # type: ignore[operator]
         return out, cache
+
+    @contextmanager
+    def check_finite(self) -> Iterator[None]:
+        """Within the block, a forward raises OlmoIVError at the first hook point, in forward order, whose value
+        holds a NaN or an inf: the embeddings, each block's attention and MLP outputs (raw and post-norm) and
+        residual, and the logits. Opt-in: each check is a reduction and a device sync."""
+        points = ["hook_embed"]
+        for layer in range(self.config.n_layers):  # type: ignore[attr-defined]
+            points += [f"blocks.{layer}.{s}" for s in FINITE_CHECKED]
+        points.append("hook_logits")
+
+        def check(x: Tensor, name: str) -> None:
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                hint = ""
+                if x.dtype == torch.float16:
+                    hint = "; float16 overflows easily: load the model with dtype='bfloat16' or 'float32'"
+                raise OlmoIVError(
+                    f"non-finite values first appear at {name} ({bad} of {x.numel()} are NaN or "
+                    f"inf, dtype {str(x.dtype).removeprefix('torch.')}){hint}"
+                )
+
+        with self.hooks([(name, check) for name in points]):
+            yield

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,71 +52,47 @@ def versions() -> dict[str, str]:
 
     out = {"olmo_iv": olmo_iv.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "numpy": numpy.__version__, "platform": platform.platform(),
-           "torch_threads": str(torch.get_num_threads())}  # fmt: skip
+           "torch_threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
-def slug(text: str) -> str:
-    """A file-name-safe form of a model, task or position name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
-
-def prepare_run_dir(out: Path, settings: dict[str, Any], resume: bool, kind: str) -> None:
-    """Create a run folder and record its settings, or check that the run already in it has the same settings.
-
-    A folder holding a run with other settings is refused (naming what differs), as is one holding this very run
-    without `resume`, or any non-empty folder that holds no run.
-    """
-    out = Path(out)
-    saved = out / "settings.json"
-    new = json.loads(json.dumps(settings, default=str))
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        if old != new:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                             if old.get(k) != new.get(k))  # fmt: skip
-            raise OlmoIVError(f"{out} holds a {kind} run with other settings ({diff}); choose another --out, or "
-                              "repeat the old settings to resume it")  # fmt: skip
-        if not resume:
-            raise OlmoIVError(f"{out} already holds this run; pass --resume to finish it, or choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise OlmoIVError(f"{out} is not empty and holds no olmo-iv {kind} run: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, new)
-
-
 def auto_cpu_threads(threads: int | None = None) -> int:
-    """Set torch's CPU thread count: `threads` if given, else whichever of 1 and torch's default runs a
-    representative small GEMM faster (on shared or hyper-threaded vCPUs, extra threads can make the small matrices of
-    patching 5-10x slower; on a real multi-core machine the default wins). Returns the count in force; results record it.
-    """
+    """Set torch's CPU thread count: `threads` if given; else 1 on a machine with at most 2 cores (shared or
+    hyper-threaded vCPUs, where a second thread made the toy patching run 2-50x slower in our measurements); else
+    torch's default if a representative small GEMM runs at least 1.5x faster with it than with 1 thread (median of
+    9 timings each), and 1 otherwise. OMP_NUM_THREADS, when set, is respected. Returns the count in force;
+    results record it."""
+    import statistics
     import time
 
     import torch
 
     if threads is not None:
         if threads < 1:
-            raise OlmoIVError(f"--threads {threads}: give a positive number of threads")
+            raise OlmoIVError(f"threads={threads}: give a positive number of threads")
         torch.set_num_threads(threads)
         return threads
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
         return torch.get_num_threads()  # the user decided
     default = torch.get_num_threads()
+    if (os.cpu_count() or 1) <= 2:
+        torch.set_num_threads(1)
+        return 1
     a, w = torch.randn(1024, 256), torch.randn(1024, 256)
 
-    def best(n: int) -> float:
+    def median_time(n: int) -> float:
         torch.set_num_threads(n)
         torch.nn.functional.linear(a, w)
         times = []
-        for _ in range(5):
+        for _ in range(9):
             t = time.perf_counter()
             torch.nn.functional.linear(a, w)
             times.append(time.perf_counter() - t)
-        return min(times)
+        return statistics.median(times)
 
-    chosen = 1 if best(1) <= best(default) else default
+    chosen = default if 1.5 * median_time(default) <= median_time(1) else 1
     torch.set_num_threads(chosen)
     return chosen

@@ -1,4 +1,4 @@
-"""Load OLMo-2 checkpoints: the built-in toy models, local folders and hub ids; safetensors only.
+"""Load OLMo-2 and OLMo-3 checkpoints: the built-in toy models, local folders and hub ids; safetensors only.
 
 Weights are created on the meta device and filled tensor by tensor from the files, so a 7B model is never
 randomly initialised first and never held twice. Nothing is unpickled and no remote code is run.
@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from olmo_iv.chat import read_chat_config
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write, write_text
 from olmo_iv.model import ModelConfig, OLMo2
@@ -22,26 +23,47 @@ MODELS_DIR = Path(__file__).parent / "models"
 BUILTIN = {"toy": MODELS_DIR / "toy", "toy-base": MODELS_DIR / "toy-base"}
 """Models shipped inside the package, loaded through the same path as any local folder."""
 
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]  # fmt: skip
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+]
+
+
+# ours <-> transformers' tensor names: prefix rules first, then the sub-module renames inside a block
+PREFIXES = [("embed.", "model.embed_tokens."), ("ln_final.", "model.norm."), ("blocks.", "model.layers.")]
+INFIXES = [
+    (".attn.", ".self_attn."),
+    (".ln_attn.", ".post_attention_layernorm."),
+    (".ln_mlp.", ".post_feedforward_layernorm."),
+]
 
 
 def hf_name(ours: str) -> str:
-    """Our parameter name -> the tensor name in an HF Olmo2ForCausalLM checkpoint: the one mapping table."""
-    globals_ = {"embed.weight": "model.embed_tokens.weight", "ln_final": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight"}  # fmt: skip
-    if ours in globals_:
-        return globals_[ours]
-    _, layer, rest = ours.split(".", 2)  # blocks.{l}.<rest>
-    per_layer = {
-        "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
-        "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
-        "attn.q_norm": "self_attn.q_norm.weight", "attn.k_norm": "self_attn.k_norm.weight",
-        "ln_attn": "post_attention_layernorm.weight", "ln_mlp": "post_feedforward_layernorm.weight",
-        "mlp.gate_proj.weight": "mlp.gate_proj.weight", "mlp.up_proj.weight": "mlp.up_proj.weight",
-        "mlp.down_proj.weight": "mlp.down_proj.weight",
-    }  # fmt: skip
-    return f"model.layers.{layer}.{per_layer[rest]}"
+    """Our parameter name -> its tensor name in a transformers checkpoint ('blocks.0.ln_attn.weight' ->
+    'model.layers.0.post_attention_layernorm.weight'); names without a rule (lm_head.weight) are the same."""
+    for a, b in PREFIXES:
+        if ours.startswith(a):
+            ours = b + ours.removeprefix(a)
+            break
+    for a, b in INFIXES:
+        ours = ours.replace(a, b)
+    return ours
+
+
+def our_name(hf: str) -> str:
+    """The inverse of hf_name."""
+    for a, b in INFIXES:
+        hf = hf.replace(b, a)
+    for a, b in PREFIXES:
+        if hf.startswith(b):
+            return a + hf.removeprefix(b)
+    return hf
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -50,13 +72,17 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     if name in BUILTIN:
         path = BUILTIN[name]
         if not (path / "config.json").exists():
-            raise OlmoIVError(f"the built-in model {name!r} is missing from {path}: rebuild it with `olmo-iv train-toy`")
+            raise OlmoIVError(
+                f"the built-in model {name!r} is missing from {path}: rebuild it with `olmo-iv train-toy`"
+            )
         return path
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise OlmoIVError(f"{name} is a file; pass the folder that holds config.json and the safetensors files")
+        raise OlmoIVError(
+            f"{name} is a file; pass the folder that holds config.json and the safetensors files"
+        )
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep + os.sep in name
     if looks_like_path:
         raise OlmoIVError(f"no such directory: {name} (built-in models: {', '.join(BUILTIN)})")
@@ -85,7 +111,7 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.exists():
-        raise OlmoIVError(f"{folder} has no config.json: is this an OLMo-2 checkpoint folder?")
+        raise OlmoIVError(f"{folder} has no config.json: is this an OLMo-2/OLMo-3 checkpoint folder?")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -111,8 +137,10 @@ def weight_files(folder: Path) -> dict[str, Path]:
         with _open(single) as f:
             return {name: single for name in f.keys()}
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
-        raise OlmoIVError(f"{folder} holds only pickle weights (.bin/.pt): olmo-iv reads safetensors only, "
-                          "for safety; convert them with transformers' save_pretrained(safe_serialization=True)")  # fmt: skip
+        raise OlmoIVError(
+            f"{folder} holds only pickle weights (.bin/.pt): olmo-iv reads safetensors only, "
+            "for safety; convert them with transformers' save_pretrained(safe_serialization=True)"
+        )
     raise OlmoIVError(f"{folder} has no model.safetensors and no model.safetensors.index.json")
 
 
@@ -120,7 +148,9 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise OlmoIVError(f"{path} is not a readable safetensors file ({err}); re-download or re-save it") from err
+        raise OlmoIVError(
+            f"{path} is not a readable safetensors file ({err}); re-download or re-save it"
+        ) from err
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -128,30 +158,66 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise OlmoIVError(f"{device!r} is not a torch device: use cpu, cuda, cuda:1, mps, ...") from err
+        raise OlmoIVError(
+            f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1', 'mps', ..."
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise OlmoIVError(f"--device {device}: this torch has no CUDA device ({torch.__version__}); use --device cpu "
-                          "or install a CUDA build of torch")  # fmt: skip
+        raise OlmoIVError(
+            f"device='{device}': this torch has no CUDA device ({torch.__version__}); use "
+            "device='cpu' or install a CUDA build of torch"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise OlmoIVError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise OlmoIVError(f"device='{device}': only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise OlmoIVError("--device mps: MPS is not available on this machine")
+        raise OlmoIVError("device='mps': MPS is not available on this machine")
     return device
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating torch.dtype from a dtype or its name ('float32', 'bf16', 'torch.float16', ...)."""
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name not in DTYPES:
+            raise OlmoIVError(
+                f"dtype={dtype!r} is not supported: use 'float32', 'bfloat16' or 'float16' "
+                "(or fp32, bf16, fp16)"
+            )
+        return DTYPES[name]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise OlmoIVError(
+            f"dtype={dtype!r} is not supported: use torch.float32, torch.bfloat16 or torch.float16"
+        )
+    return dtype
 
 
 def load(
     name_or_path: str | os.PathLike = "toy",
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
 ) -> OLMo2:
-    """Load an OLMo-2 checkpoint: 'toy' / 'toy-base' (shipped), a local folder, or a hub id such as
-    'allenai/OLMo-2-0425-1B' (through huggingface_hub, honouring HF_HUB_OFFLINE and the local cache).
+    """Load an OLMo-2 or OLMo-3 checkpoint (by config.json's model_type): 'toy' / 'toy-base' (shipped), a local
+    folder, or a hub id such as 'allenai/OLMo-2-0425-1B' or 'allenai/Olmo-3-1025-7B' (through huggingface_hub,
+    honouring HF_HUB_OFFLINE and the local cache).
 
     The folder needs config.json and model.safetensors (or shards with model.safetensors.index.json); a
-    tokenizer.json, when present, is loaded as `model.tokenizer`. Every tensor name and shape is checked.
+    tokenizer.json, when present, is loaded as `model.tokenizer`. Every tensor name and shape is checked, and
+    every tensor is checked for NaN/inf as it is read. dtype: a torch dtype or a name ('bfloat16', 'bf16', ...).
     """
+    dtype = check_dtype(dtype)
     device = check_device(device)
     folder = resolve(name_or_path, revision)
     cfg = read_config(folder)
@@ -161,10 +227,9 @@ def load(
     files = weight_files(folder)
     wanted = {hf_name(name): name for name in expected}
     if cfg.tie_word_embeddings and "lm_head.weight" not in files:
-        wanted.pop("lm_head.weight")
+        wanted.pop("lm_head.weight")  # tied: lm_head is the embedding
     missing = sorted(set(wanted) - set(files))
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(set(files) - set(wanted) - ignorable)
+    unexpected = sorted(set(files) - set(wanted))
     if missing or unexpected:
         raise OlmoIVError(
             f"{folder} does not match its config.json ({cfg.n_layers} layers): "
@@ -182,17 +247,30 @@ def load(
                 ours = wanted[hf]
                 shape = tuple(f.get_slice(hf).get_shape())
                 if shape != tuple(expected[ours]):
-                    raise OlmoIVError(f"tensor {hf} in {path.name} has shape {shape}, but config.json implies "
-                                      f"{tuple(expected[ours])}")  # fmt: skip
+                    raise OlmoIVError(
+                        f"tensor {hf} in {path.name} has shape {shape}, but config.json implies "
+                        f"{tuple(expected[ours])}"
+                    )
                 try:
-                    state[ours] = f.get_tensor(hf).to(device=device, dtype=dtype)
+                    raw = f.get_tensor(hf)
                 except (SafetensorError, RuntimeError) as err:
-                    raise OlmoIVError(f"could not read tensor {hf} from {path} ({err}): the file is corrupt") from err
+                    raise OlmoIVError(
+                        f"could not read tensor {hf} from {path} ({err}): the file is corrupt"
+                    ) from err
+                state[ours] = raw.to(device=device, dtype=dtype)
+                if not bool(torch.isfinite(state[ours]).all()):
+                    why = (
+                        "its values overflow " + str(dtype).removeprefix("torch.") + ": load in a wider dtype"
+                        if bool(torch.isfinite(raw).all())
+                        else "the checkpoint is corrupt or diverged"
+                    )
+                    raise OlmoIVError(f"tensor {hf} in {path.name} holds NaN or inf values ({why})")
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.tokenizer = load_tokenizer(folder)
+    model.chat_template, model.special_tokens = read_chat_config(folder)
     model.name_or_path = str(name_or_path)
     return model
 
@@ -233,17 +311,27 @@ def save(model: OLMo2, folder: str | os.PathLike, *, max_shard_bytes: int | None
             size = 0
         shards[-1][name] = t
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for shard, fname in zip(shards, names):
-        atomic_write(folder / fname, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(
+            folder / fname, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"})
+        )
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {n: fname for shard, fname in zip(shards, names) for n in shard}}  # fmt: skip
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {n: fname for shard, fname in zip(shards, names) for n in shard},
+        }
         write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     if model.tokenizer is not None:
         atomic_write(folder / "tokenizer.json", lambda tmp: model.tokenizer.save(str(tmp)))
+    if model.chat_template is not None or model.special_tokens:
+        write_text(folder / "tokenizer_config.json", json.dumps(
+            {**model.special_tokens, "chat_template": model.chat_template}, indent=2, ensure_ascii=False))
     return folder

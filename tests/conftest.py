@@ -1,4 +1,4 @@
-"""Shared fixtures: random transformers Olmo2 checkpoints written with save_pretrained (our parity oracle)."""
+"""Shared fixtures: random transformers Olmo2/Olmo3 checkpoints written with save_pretrained (our parity oracle)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def make_hf_checkpoint(folder: Path, seed: int = 0, max_shard_size: str | None =
 
     kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)  # fmt: skip
+                  tie_word_embeddings=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     hf = Olmo2ForCausalLM(Olmo2Config(**kwargs)).eval()
@@ -31,6 +31,28 @@ def make_hf_checkpoint(folder: Path, seed: int = 0, max_shard_size: str | None =
                 p.add_(torch.randn_like(p) * 0.1)
     extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
     hf.save_pretrained(folder, **extra)
+    return folder, hf
+
+
+def make_olmo3_checkpoint(folder: Path, seed: int = 0, **overrides):
+    """A random `Olmo3ForCausalLM` (norm weights perturbed), saved: 4 layers (3 sliding, 1 full), window 5, GQA.
+
+    Returns (folder, hf_model). Inputs longer than 5 tokens reach beyond the window of the sliding layers.
+    """
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, sliding_window=5,
+                  max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None, pad_token_id=None,
+                  bos_token_id=None)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    hf = Olmo3ForCausalLM(Olmo3Config(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(folder)
     return folder, hf
 
 
@@ -70,6 +92,6 @@ def make_olmo2_vocab_checkpoint(tmp_path_factory, n_layers: int) -> str:
 
     folder, _ = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_size=100352, hidden_size=32,
                                    intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=2,
-                                   num_key_value_heads=2)  # fmt: skip
+                                   num_key_value_heads=2)
     shutil.copy(cached_tokenizer_json(tmp_path_factory.getbasetemp() / "tok"), folder / "tokenizer.json")
     return str(folder)

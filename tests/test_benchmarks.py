@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import olmo_iv
-from olmo_iv.patching import layer_grid, patch_layers
+from olmo_iv.interventions.patching import layer_grid, patch_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import SHAPES, PeakMemory, Run, gemm_flops, make_checkpoint  # noqa: E402

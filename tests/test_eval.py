@@ -4,7 +4,6 @@ judge against a local stub server, scoring, the `olmo-iv eval` command, and the 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,8 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from olmo_iv import eval as ev
+import olmo_iv
 from olmo_iv.errors import OlmoIVError
+from olmo_iv.evals import inference as ev
+from olmo_iv.runs import eval as runs_eval
+from olmo_iv.runs.eval import run_eval
+from olmo_iv.runs.store import RunFinished, slug
 
 # (raw generation, task, reference answer, faithful answer)
 POSTPROCESS_GOLDEN = [
@@ -79,7 +82,7 @@ JUDGE_CASES = [
     ("object_counting", "0", None, True), ("object_counting", "21", None, True),
     ("object_counting", "-3", None, False), ("object_counting", "three", None, False),
     ("object_counting", "²", None, False),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("task,answer,query,expected", JUDGE_CASES)
@@ -128,7 +131,7 @@ class Stub:
 
 def completion(text):
     return 200, {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {
-        "role": "assistant", "content": text}, "finish_reason": "stop"}]}  # fmt: skip
+        "role": "assistant", "content": text}, "finish_reason": "stop"}]}
 
 
 @pytest.fixture
@@ -220,21 +223,21 @@ def fake(task, rows):
 
     t = get_task(task)
     return [SimpleNamespace(task=t.name, query=q, answer=a, instruction=t.instruction,
-                            clean=f"{t.instruction} {t.field}: {q}. Answer:") for q, a in rows]  # fmt: skip
+                            clean=f"{t.instruction} {t.field}: {q}. Answer:") for q, a in rows]
 
 
 def test_score_task_golden():
     samples = fake("adj_comp", [("dangerous", "more dangerous"), ("big", "bigger"), ("good", "better"),
-                                ("small", "smaller")])  # fmt: skip
+                                ("small", "smaller")])
     gens = [" more dangerous.\n", " Bigger\n", " good", " the\n"]
     rows, s = ev.score_task("adjectives/adj_comp", samples, gens, mode="reference")
     assert [r.answer_reference for r in rows] == ["moredangerous", "bigger", "good", "the"]
     assert [r.em_reference for r in rows] == [False, True, False, False]
     assert [r.em_faithful for r in rows] == [True, True, False, False]
     assert [r.judge for r in rows] == [True, True, False, False]
-    assert [r.in_options for r in rows] == [False] * 4  # adjective tasks have no options: the reference scores 0
+    assert [r.in_options for r in rows] == [None] * 4  # adjective tasks have no options: no option score, not 0
     assert (s.n, s.em, s.em_reference, s.em_faithful, s.option_ia, s.judge_ia, s.ia, s.ia_source) == (
-        4, 25.0, 25.0, 50.0, 0.0, 50.0, 50.0, "judge:rules")
+        4, 25.0, 25.0, 50.0, None, 50.0, 50.0, "judge:rules")
     _, f = ev.score_task("adjectives/adj_comp", samples, gens, mode="faithful")
     assert (f.em, f.option_ia, f.ia) == (50.0, None, 50.0)  # faithful: no options, no option score
 
@@ -284,13 +287,13 @@ def test_run_eval_files_numbers_and_resume(tmp_path, checkpoint, monkeypatch):
     s = ev.EvalSettings(samples=6, max_new_tokens=4, batch_size=4)
     tasks = ["adj_comp", "animals/can_fly"]
     out = tmp_path / "run"
-    summary = ev.run_eval([checkpoint], tasks, s, out, progress=False)
+    summary = run_eval([checkpoint], tasks, s, out)
     assert [r["task"] for r in summary] == ["adjectives/adj_comp", "animals/can_fly"]
     model = olmo_iv.load(checkpoint)
-    mdir = out / ev._slug(checkpoint)
+    mdir = out / slug(checkpoint)
     for row in summary:
         data = samples(row["task"], n=6)
-        per = read_csv(mdir / f"{ev._slug(row['task'])}.csv")
+        per = read_csv(mdir / f"{slug(row['task'])}.csv")
         # the CSV holds what generation gives on these prompts, and the summary is the mean of its rows
         expect = generate_text(model, [d.clean for d in data], max_new_tokens=4, skip_special_tokens=True)
         assert [p["generation"] for p in per] == expect
@@ -298,7 +301,10 @@ def test_run_eval_files_numbers_and_resume(tmp_path, checkpoint, monkeypatch):
         assert [p["gold"] for p in per] == [d.answer for d in data]
         for key in ("em_reference", "em_faithful"):
             assert row[key] == 100 * sum(p[key] == "True" for p in per) / 6
-        assert row["option_ia"] == 100 * sum(p["in_options"] == "True" for p in per) / 6
+        if any(p["in_options"] for p in per):
+            assert row["option_ia"] == 100 * sum(p["in_options"] == "True" for p in per) / 6
+        else:  # a task without options has no option IA (empty, not 0)
+            assert row["option_ia"] is None
         assert [p["answer_reference"] for p in per] == [ev.postprocess_reference(g, row["task"]) for g in expect]
     meta = json.loads((out / "summary.json").read_text())
     assert meta["settings"]["max_new_tokens"] == 4 and meta["settings"]["judge"] == "rules"
@@ -307,37 +313,33 @@ def test_run_eval_files_numbers_and_resume(tmp_path, checkpoint, monkeypatch):
     png = (out / "figure12.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-    # resume: the same settings do not run again; other settings do
+    # the same run again: finished, nothing recomputed; other settings on a run with results: refused
     def boom(*a, **k):
         raise AssertionError("evaluate_task should not run")
 
-    monkeypatch.setattr(ev, "evaluate_task", boom)
-    assert ev.run_eval([checkpoint], tasks, s, out, progress=False) == summary
-    with pytest.raises(AssertionError, match="should not run"):
-        ev.run_eval([checkpoint], tasks, ev.EvalSettings(samples=6, max_new_tokens=3), out, progress=False)
-    config = Path(checkpoint) / "config.json"
-    st = config.stat()
-    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rebuilt checkpoint is scored again
-    with pytest.raises(AssertionError, match="should not run"):
-        ev.run_eval([checkpoint], tasks, s, out, progress=False)
+    monkeypatch.setattr(runs_eval, "evaluate_task", boom)
+    with pytest.raises(RunFinished):
+        run_eval([checkpoint], tasks, s, out)
+    with pytest.raises(OlmoIVError, match="other settings"):
+        run_eval([checkpoint], tasks, ev.EvalSettings(samples=6, max_new_tokens=3), out)
     with pytest.raises(OlmoIVError, match="unknown task"):
-        ev.run_eval([checkpoint], ["adj_nope"], s, out)
+        run_eval([checkpoint], ["adj_nope"], s, out)
     with pytest.raises(OlmoIVError, match="dtype"):
-        ev.run_eval([checkpoint], tasks, ev.EvalSettings(dtype="float33"), out)
+        run_eval([checkpoint], tasks, ev.EvalSettings(dtype="float33"), out)
 
 
 def test_cli_with_http_judge(tmp_path, checkpoint, stub):
+    from olmo_iv.cli.main import _typer_app
     from typer.testing import CliRunner
-
-    from cli.main import _typer_app
 
     server = stub(lambda body: completion("yes"))
     args = ["eval", "--model", checkpoint, "--task", "adj_ant", "--samples", "5", "--max-new-tokens", "3",
-            "--judge", "http", "--judge-url", server.url, "--judge-model", "stub-judge", "--out", str(tmp_path)]
+            "--judge", "http", "--judge-url", server.url, "--judge-model", "stub-judge", "--mode", "reference",
+            "--out", str(tmp_path)]
     result = CliRunner().invoke(_typer_app, args)
     assert result.exit_code == 0, result.output
     assert "adj_ant" in result.output and "100.0" in result.output
-    per = read_csv(tmp_path / ev._slug(checkpoint) / "adjectives--adj_ant.csv")
+    per = read_csv(tmp_path / slug(checkpoint) / "adjectives_adj_ant.csv")
     assert {p["judge"] for p in per} == {"True"}
     assert len(server.requests) == len({p["answer_reference"] for p in per})  # one call per distinct answer
     meta = json.loads((tmp_path / "summary.json").read_text())
@@ -349,7 +351,7 @@ def test_cli_with_http_judge(tmp_path, checkpoint, stub):
 
 # ------------------------------------------------------------------------------------------ the toy model
 
-TOY = Path(ev.__file__).parent / "models" / "toy"
+TOY = Path(olmo_iv.__file__).parent / "models" / "toy"
 
 
 @pytest.mark.skipif(not (TOY / "training.json").exists(), reason="olmo_iv/models/toy is not built yet")
@@ -359,9 +361,9 @@ def test_toy_scores_match_its_training_report(tmp_path):
     report = json.loads((TOY / "training.json").read_text())
     expected = report["metrics"]["accuracy_table1"]
     s = ev.EvalSettings(max_new_tokens=6, batch_size=64)
-    summary = ev.run_eval(["toy"], list(expected), s, tmp_path, progress=False)
+    summary = run_eval(["toy"], list(expected), s, tmp_path / "run")
     for row in summary:
-        per = read_csv(tmp_path / "toy" / f"{ev._slug(row['task'])}.csv")
+        per = read_csv(tmp_path / "run" / "toy" / f"{slug(row['task'])}.csv")
         strip_em = sum(p["generation"].split("\n")[0].strip() == p["gold"] for p in per) / len(per)
         want = expected.get(row["task"], expected.get(ev.short_name(row["task"])))
         assert strip_em == pytest.approx(want, abs=1e-12), row["task"]

@@ -30,14 +30,14 @@ def hf_generate(hf, prompts, n):
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)  # fmt: skip
+                          pad_token_id=0, eos_token_id=None)
     return out[:, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
 def gqa_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("gqa"), seed=3, num_attention_heads=4, num_key_value_heads=2,
-                              num_hidden_layers=2)  # fmt: skip
+                              num_hidden_layers=2)
 
 
 @pytest.mark.parametrize("which", ["mha", "gqa"])

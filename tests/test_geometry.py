@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from olmo_iv.errors import OlmoIVError
-from olmo_iv.geometry import (
+from olmo_iv.analysis.probes import (
     ProbeConfig,
     instruction_vectors,
     last_token_resid,
@@ -21,6 +20,7 @@ from olmo_iv.geometry import (
     proportion_ci,
     split,
 )
+from olmo_iv.errors import OlmoIVError
 
 TOY = Path(__file__).parents[1] / "olmo_iv" / "models"
 CONTRASTIVE = ["adj_comp", "adj_ant", "anim_color", "can_fly"]
@@ -55,7 +55,7 @@ def test_batched_extraction_equals_one_at_a_time(tiny_model):
     # a subset of layers (the forward stops after the deepest one) and batch sizes agree
     torch.testing.assert_close(last_token_resid(tiny_model, ids, layers=[1], batch_size=3)[:, 0], got[:, 1])
     torch.testing.assert_close(last_token_resid(tiny_model, ids, batch_size=len(ids)), got, atol=1e-5, rtol=0)
-    with pytest.raises(OlmoIVError, match="layers must lie"):
+    with pytest.raises(OlmoIVError, match=r"layers=\[3\]: this model has layers 0..2"):
         last_token_resid(tiny_model, ids, layers=[L])
     with pytest.raises(OlmoIVError, match="no tokens"):
         last_token_resid(tiny_model, [[1, 2], []])
@@ -80,7 +80,7 @@ def planted(seed: int = 0, n: int = 50, d: int = 12):
     centres = rng.normal(0, 1, (4, d))
     cls = np.repeat(np.arange(4), n)
     X = np.stack([rng.normal(0, 1, (4 * n, d)), 10 * centres[cls] + rng.normal(0, 1, (4 * n, d)),
-                  0.6 * centres[cls] + rng.normal(0, 1, (4 * n, d))], axis=1)  # fmt: skip
+                  0.6 * centres[cls] + rng.normal(0, 1, (4 * n, d))], axis=1)
     return X.astype(np.float32), labels
 
 
@@ -137,9 +137,8 @@ def test_lda_is_fitted_on_the_training_split_only():
 
 def _invoke_probe(args: list[str]):
     import typer
+    from olmo_iv.cli.probe import probe_command
     from typer.testing import CliRunner
-
-    from cli.probe import probe_command
 
     app = typer.Typer()
     app.callback()(lambda: None)  # a group: Typer would otherwise collapse a one-command app
@@ -155,7 +154,7 @@ def test_probe_command_on_a_tiny_checkpoint(tmp_path, tiny_model):
     tiny_model.tokenizer = None
     out = tmp_path / "out"
     res = _invoke_probe(["--model", str(folder), "--task", "adj_comp", "--task", "can_fly", "--task", "snarks",
-                         "--layer", "1", "--seed", "4", "--out", str(out), "--save-vectors"])  # fmt: skip
+                         "--layer", "1", "--seed", "4", "--out", str(out), "--save-vectors"])
     assert res.exit_code == 0, res.output
     with open(out / "probe.csv") as f:
         rows = list(csv.DictReader(f))
@@ -166,14 +165,14 @@ def test_probe_command_on_a_tiny_checkpoint(tmp_path, tiny_model):
         lda = list(csv.DictReader(f))
     assert len(lda) == 600 and sum(r["split"] == "test" for r in lda) == 120 and {r["layer"] for r in lda} == {"1"}
     meta = json.loads((out / "probe.json").read_text())
-    assert meta["settings"]["seed"] == 4 and meta["settings"]["tasks"] == [
-        "adjectives/adj_comp", "animals/can_fly", "bigbench/snarks"] and "torch" in meta["versions"]  # fmt: skip
+    assert meta["settings"]["probe"]["seed"] == 4 and meta["settings"]["tasks"] == [
+        "adjectives/adj_comp", "animals/can_fly", "bigbench/snarks"] and "torch" in meta["versions"]
     assert (out / "probe.png").stat().st_size > 0 and (out / "lda.png").stat().st_size > 0
     vec = np.load(out / "vectors_tiny.npz")
     assert vec["X"].shape == (600, 3, 64)
     with pytest.raises(OlmoIVError, match="outside"):
         _invoke_probe(["--model", str(folder), "--task", "adj_comp", "--task", "can_fly", "--layer", "3",
-                       "--out", str(out)])  # fmt: skip
+                       "--out", str(tmp_path / "out3")])
 
 
 @pytest.mark.skipif(not (TOY / "toy" / "config.json").exists() or not (TOY / "toy-base" / "config.json").exists(),
@@ -181,7 +180,7 @@ def test_probe_command_on_a_tiny_checkpoint(tmp_path, tiny_model):
 def test_probe_separates_contrastive_tasks_on_the_toy_beside_its_control(tmp_path):
     out = tmp_path / "probe"
     args = ["--model", "toy", "--model", "toy-base", *sum((["--task", t] for t in CONTRASTIVE), []),
-            "--out", str(out)]  # fmt: skip
+            "--out", str(out)]
     res = _invoke_probe(args)
     assert res.exit_code == 0, res.output
     with open(out / "probe.csv") as f:

@@ -42,7 +42,7 @@ def test_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "triton",
-                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True)  # fmt: skip
+                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert "skipped" not in proc.stdout and re.search(r"\b8 passed\b", proc.stdout), tail  # all 8 Triton tests
@@ -54,7 +54,7 @@ def step_inputs(P=37, d=48, F=80, T=5, H=4, H_kv=2, dh=16, seed=0):
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     return dict(v=r(P, d), tok=torch.randint(0, T, (P,), generator=g), skip=torch.randint(0, 2, (P,), generator=g).float(),
                 coef=torch.rand(P, H, generator=g), s_att=r(T, d), s_mlp=r(T, d), act_g=r(T, F),
-                w_v=r(H_kv * dh, d) / 7, w_o=r(d, H * dh) / 8, w_up=r(F, d) / 7, w_down=r(d, F) / 9)  # fmt: skip
+                w_v=r(H_kv * dh, d) / 7, w_o=r(d, H * dh) / 8, w_up=r(F, d) / 7, w_down=r(d, F) / 9)
 
 
 def explicit_step(a: dict) -> torch.Tensor:
@@ -68,7 +68,7 @@ def explicit_step(a: dict) -> torch.Tensor:
     for p in range(a["v"].shape[0]):
         t = int(a["tok"][p])
         ov = sum(a["coef"][p, h] * a["w_o"][:, h * dh : (h + 1) * dh] @ a["w_v"][(h // rep) * dh : (h // rep + 1) * dh]
-                 for h in range(H))  # fmt: skip
+                 for h in range(H))
         attn = a["skip"][p] * torch.eye(d) + torch.diag(a["s_att"][t]) @ ov
         M = a["w_down"] @ torch.diag(a["act_g"][t]) @ a["w_up"]
         out.append((torch.eye(d) + torch.diag(a["s_mlp"][t]) @ M) @ attn @ a["v"][p])

@@ -88,7 +88,7 @@ def test_wrong_model_type(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
     cfg["model_type"] = "llama"
     (checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(OlmoIVError, match="model_type='llama'.*OLMo-2 only"):
+    with pytest.raises(OlmoIVError, match="model_type='llama'.*OLMo-2 and OLMo-3 only"):
         olmo_iv.load(checkpoint)
 
 
@@ -103,11 +103,11 @@ def test_missing_unexpected_misshaped_tensors(checkpoint):
     with pytest.raises(OlmoIVError, match="missing tensors model.layers.1.mlp.up_proj.weight"):
         olmo_iv.load(checkpoint)
     _rewrite(checkpoint, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 64),
-                                              "model.layers.7.extra.weight": torch.zeros(2)}))  # fmt: skip
+                                              "model.layers.7.extra.weight": torch.zeros(2)}))
     with pytest.raises(OlmoIVError, match="unexpected tensors model.layers.7.extra.weight"):
         olmo_iv.load(checkpoint)
     _rewrite(checkpoint, lambda s: (s.pop("model.layers.7.extra.weight"),
-                                    s.update({"model.norm.weight": torch.zeros(65)})))  # fmt: skip
+                                    s.update({"model.norm.weight": torch.zeros(65)})))
     with pytest.raises(OlmoIVError, match=r"model.norm.weight .* has shape \(65,\).*\(64,\)"):
         olmo_iv.load(checkpoint)
 
@@ -136,7 +136,41 @@ def test_missing_shard(tmp_path):
 
 def test_unavailable_or_malformed_device(tiny_checkpoint):
     if not torch.cuda.is_available():
-        with pytest.raises(OlmoIVError, match="this torch has no CUDA device"):
+        with pytest.raises(OlmoIVError, match=r"^device='cuda': this torch has no CUDA device.*device='cpu'"):
             olmo_iv.load(tiny_checkpoint[0], device="cuda")
-    with pytest.raises(OlmoIVError, match="'gpu' is not a torch device"):
+    with pytest.raises(OlmoIVError, match="device='gpu' is not a torch device"):
         olmo_iv.load(tiny_checkpoint[0], device="gpu")
+
+
+def test_dtype_names(tiny_checkpoint):
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16), ("float16", torch.float16),
+                        ("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        assert olmo_iv.load(tiny_checkpoint[0], dtype=name).dtype == dtype
+    with pytest.raises(OlmoIVError, match=r"dtype='float8' is not supported: use 'float32', 'bfloat16'"):
+        olmo_iv.load(tiny_checkpoint[0], dtype="float8")
+    with pytest.raises(OlmoIVError, match=r"dtype=torch.int8 is not supported"):
+        olmo_iv.load(tiny_checkpoint[0], dtype=torch.int8)
+
+
+def test_non_finite_weights_are_named(checkpoint):
+    def poison(s):
+        s["model.layers.2.mlp.down_proj.weight"][3, 4] = float("nan")
+
+    _rewrite(checkpoint, poison)
+    with pytest.raises(OlmoIVError, match=r"tensor model.layers.2.mlp.down_proj.weight in model.safetensors holds "
+                                          r"NaN or inf values \(the checkpoint is corrupt"):
+        olmo_iv.load(checkpoint)
+    _rewrite(checkpoint, lambda s: s["model.layers.2.mlp.down_proj.weight"].fill_(1e6))
+    with pytest.raises(OlmoIVError, match=r"down_proj.weight .*its values overflow float16"):
+        olmo_iv.load(checkpoint, dtype="float16")
+
+
+def test_name_mapping_is_a_bijection(tiny_model):
+    from olmo_iv.loading import our_name
+
+    names = [n for n, _ in tiny_model.named_parameters()]
+    assert hf_name("blocks.1.ln_attn.weight") == "model.layers.1.post_attention_layernorm.weight"
+    assert hf_name("blocks.0.attn.q_norm.weight") == "model.layers.0.self_attn.q_norm.weight"
+    assert hf_name("ln_final.weight") == "model.norm.weight" and hf_name("lm_head.weight") == "lm_head.weight"
+    assert [our_name(hf_name(n)) for n in names] == names
+    assert len({hf_name(n) for n in names}) == len(names)

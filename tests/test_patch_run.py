@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from olmo_iv import OlmoIVError
-from olmo_iv.patch_run import PatchSettings, run_patching
+from olmo_iv.runs.patch import PatchSettings, run_patching
+from olmo_iv.runs.store import RunFinished
 from tests.conftest import make_olmo2_vocab_checkpoint
 
 
@@ -48,19 +49,22 @@ def test_run_writes_every_row_and_resumes_after_a_kill(tmp_path, checkpoint):
     with pytest.raises(KeyboardInterrupt):
         run_patching(s, tmp_path / "killed", progress=killer)
     assert not (tmp_path / "killed" / "patching.csv").exists()
-    with pytest.raises(OlmoIVError, match="pass --resume"):
-        run_patching(s, tmp_path / "killed")
-    run_patching(s, tmp_path / "killed", resume=True)
+    run_patching(s, tmp_path / "killed")  # the same settings continue where the run stopped
     assert (tmp_path / "killed" / "patching.csv").read_bytes() == (tmp_path / "whole" / "patching.csv").read_bytes()
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["top10"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["top10"]
     assert summary["settings"]["samples"] == 30 and "torch" in summary["versions"]
+    # a finished run says so and where its files are; overwrite=True computes it again
+    with pytest.raises(RunFinished, match="finished; its results are in .*patching.csv.*overwrite=True"):
+        run_patching(s, tmp_path / "killed")
+    run_patching(s, tmp_path / "killed", overwrite=True)
+    assert (tmp_path / "killed" / "patching.csv").read_bytes() == (tmp_path / "whole" / "patching.csv").read_bytes()
 
 
 def test_other_settings_in_the_folder_are_refused(tmp_path, checkpoint):
     run_patching(settings(checkpoint, samples=2, layers=1), tmp_path / "run")
-    with pytest.raises(OlmoIVError, match=r"other settings \(layers: 1 -> 2"):
-        run_patching(settings(checkpoint, samples=2, layers=2), tmp_path / "run", resume=True)
+    with pytest.raises(OlmoIVError, match=r"other settings \(settings.layers: 1 -> 2"):
+        run_patching(settings(checkpoint, samples=2, layers=2), tmp_path / "run")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(OlmoIVError, match="not empty"):
@@ -78,7 +82,7 @@ def test_settings_errors(checkpoint):
     with pytest.raises(OlmoIVError, match="only in the faithful mode"):
         settings(checkpoint, target_pos=["filler"])
     assert PatchSettings(models=[checkpoint]).target_pos == ["filler"]  # the default mode is faithful
-    with pytest.raises(OlmoIVError, match="--layers 4"):
+    with pytest.raises(OlmoIVError, match="size 4 are not offered"):
         settings(checkpoint, layers=4)
     with pytest.raises(OlmoIVError, match="unknown task"):
         settings(checkpoint, tasks=["adjectives/nope"])
@@ -95,10 +99,15 @@ def test_explicit_sets_and_out_of_range_layer(tmp_path, checkpoint):
 
 
 def test_cli(tmp_path, checkpoint):
-    from cli.main import _typer_app
+    from olmo_iv.cli.main import _typer_app
 
     result = CliRunner().invoke(_typer_app, ["patch", "--model", checkpoint, "--task", "animals/anim_color",
                                              "--samples", "3", "--layers", "1", "--mode", "reference",
-                                             "--out", str(tmp_path / "c")])  # fmt: skip
+                                             "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
-    assert "top-10 by mean rr_diff" in result.output and (tmp_path / "c" / "patching.csv").exists()
+    assert "Where do the instruction vectors live?" in result.output and "anim_color: layers" in result.output
+    assert "top-10 by mean rr_diff" not in result.output and (tmp_path / "c" / "patching.csv").exists()
+    tables = CliRunner().invoke(_typer_app, ["patch", "--model", checkpoint, "--task", "animals/anim_color",
+                                             "--samples", "3", "--layers", "1", "--mode", "reference", "--tables",
+                                             "--out", str(tmp_path / "c"), "--overwrite"])
+    assert tables.exit_code == 0 and "top-10 by mean rr_diff" in tables.output

@@ -7,14 +7,14 @@ import torch
 
 import olmo_iv
 from olmo_iv import OlmoIVError
-from olmo_iv.patching import (
+from olmo_iv.interventions.patching import (
     PatchResult,
     answer_rank,
     layer_grid,
     patch_layers,
-    patch_layers_reference,
     work_per_sample,
 )
+from olmo_iv.reference import patch_layers_reference
 from tests.conftest import make_hf_checkpoint
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import olmo_iv
-from olmo_iv import paths as P
+from olmo_iv import reference as R
+from olmo_iv.analysis import paths as P
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.kernels import frozen_mlp
 from tests.conftest import make_hf_checkpoint
@@ -22,7 +23,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 def gqa_relu_model(tmp_path_factory):
     """GQA (4 query heads over 2 kv heads) with a ReLU gate: the two variants the surrogates must also cover."""
     folder, _ = make_hf_checkpoint(tmp_path_factory.mktemp("gqa_relu"), seed=5, num_attention_heads=4,
-                                   num_key_value_heads=2, hidden_act="relu", num_hidden_layers=3)  # fmt: skip
+                                   num_key_value_heads=2, hidden_act="relu", num_hidden_layers=3)
     model = olmo_iv.load(folder)
     assert model.config.hidden_act == "relu" and model.config.n_kv_heads == 2
     return model
@@ -40,7 +41,7 @@ def test_surrogates_exact_at_the_observed_point(which, tiny_model, gqa_relu_mode
     obs = P.observe(model, ids)
     sur = P.linearize(model, obs)
     names = ["ln_final.hook_normalized"] + [f"blocks.{i}.{n}" for i in range(cfg.n_layers) for n in (
-        "hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid", "mlp.hook_out", "hook_mlp_out")]  # fmt: skip
+        "hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid", "mlp.hook_out", "hook_mlp_out")]
     logits, cache = model.run_with_cache(ids[None], names=names)
     H, dh, rep, T = cfg.n_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads, len(ids)
     for layer, b in enumerate(model.blocks):
@@ -80,7 +81,7 @@ def test_dp_counts_equal_brute_force_enumeration(seed):
     L, H, T = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 7))
     graph = _random_graph(L, H, T, seed)
     counts = graph.count_paths()
-    brute = [len(P.enumerate_paths(graph, s)) for s in range(T)]
+    brute = [len(R.enumerate_paths(graph, s)) for s in range(T)]
     assert counts == brute
     assert graph.reach()[0].tolist() == [c > 0 for c in counts]
     assert counts[T - 1] >= 1  # the all-self-edges path always exists
@@ -109,10 +110,10 @@ def test_frontier_values_equal_per_path_product(mode, gqa_relu_model):
     chunks = list(P.iter_path_values(model, obs, sur, graph, sources, mode, chunk=3))  # tiny chunks: many splits
     tokens = torch.cat([t for t, _ in chunks])
     values = torch.cat([v for _, v in chunks])
-    expected = [p for s in sources for p in P.enumerate_paths(graph, s)]
+    expected = [p for s in sources for p in R.enumerate_paths(graph, s)]
     assert len(expected) > 20
     assert tokens.tolist() == [list(p) for p in expected]  # same paths, in the reference's DFS order
-    direct = torch.stack([P.path_value_direct(model, obs, sur, graph, p, mode) for p in expected])
+    direct = torch.stack([R.path_value_direct(model, obs, sur, graph, p, mode) for p in expected])
     torch.testing.assert_close(values, direct, **TOL)
 
 
@@ -125,10 +126,10 @@ def test_modes_differ_and_reference_ignores_heads(tiny_model):
     assert not torch.allclose(vals["reference"], vals["masked_heads"])
     assert not torch.allclose(vals["masked_heads"], vals["attn_weighted"])
     # reference values depend on the token sequence only: any argmax graph with the same edges gives them
-    path = P.enumerate_paths(graph, 0)[0]
+    path = R.enumerate_paths(graph, 0)[0]
     other = P.AttnGraph(torch.zeros_like(graph.argmax), graph.amax)
-    torch.testing.assert_close(P.path_value_direct(tiny_model, obs, sur, other, path, "reference"),
-                               P.path_value_direct(tiny_model, obs, sur, graph, path, "reference"))  # fmt: skip
+    torch.testing.assert_close(R.path_value_direct(tiny_model, obs, sur, other, path, "reference"),
+                               R.path_value_direct(tiny_model, obs, sur, graph, path, "reference"))
 
 
 @pytest.mark.parametrize("mode", P.MODES)
@@ -136,7 +137,7 @@ def test_trace_equals_direct_trace(mode, tiny_model):
     ids = _ids(8, seed=0)
     cfg = P.PathConfig(mode=mode, threshold=120, chunk=4, readout_chunk=5)
     fast = P.trace(tiny_model, ids, 17, cfg)
-    slow = P.trace_direct(tiny_model, ids, 17, cfg)
+    slow = R.trace_direct(tiny_model, ids, 17, cfg)
     assert 0 < len(fast.tokens) < sum(fast.total)  # the threshold keeps some paths, not all
     assert torch.equal(fast.tokens, slow.tokens)
     assert torch.equal(fast.rank, slow.rank)
@@ -168,7 +169,9 @@ def test_sources_threshold_and_memory_guard(tiny_model):
     assert len(r.tokens) == sum(r.total) and set(r.tokens[:, 0].tolist()) == {5, 6, 7}
     assert P.parse_sources("all", 4) == [0, 1, 2, 3]
     assert P.parse_sources("1:-1", 5) == [1, 2, 3]
-    assert P.parse_sources("3,1,-1,9", 5) == [1, 3, 4]
+    assert P.parse_sources("3,1,-1", 5) == [1, 3, 4]
+    with pytest.raises(OlmoIVError, match="position 9 is outside a prompt of 5 tokens"):
+        P.parse_sources("3,9", 5)  # a source that does not exist is an error, not zero paths
     with pytest.raises(OlmoIVError, match="max_paths"):
         P.trace(tiny_model, ids, 17, P.PathConfig(max_paths=3))
     with pytest.raises(OlmoIVError, match="path mode"):
@@ -220,9 +223,9 @@ def _word_tokenizer(words: list[str]):
 
 
 def test_cli_run_writes_resumes_and_checks_settings(tmp_path, tiny_checkpoint):
+    from olmo_iv.cli.main import _typer_app
     from typer.testing import CliRunner
 
-    from cli.main import _typer_app
     from olmo_iv import tasks
 
     samples = tasks.samples("adjectives/adj_comp", n=2)
@@ -232,15 +235,15 @@ def test_cli_run_writes_resumes_and_checks_settings(tmp_path, tiny_checkpoint):
     olmo_iv.save(model, tmp_path / "model")
     out = tmp_path / "run"
     args = ["paths", "--model", str(tmp_path / "model"), "--task", "adjectives/adj_comp", "--samples", "2",
-            "--mode", "masked_heads", "--threshold", "150", "--sources", "6:", "--out", str(out)]  # fmt: skip
+            "--trace", "masked_heads", "--mode", "reference", "--threshold", "150", "--sources", "6:", "--out", str(out)]
     runner = CliRunner()
     res = runner.invoke(_typer_app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["trace"]["mode"] == "masked_heads" and "torch" in summary["versions"]
-    for name in ("paths_per_token.csv", "paths_per_token.png", "head_activity.csv", "settings.json"):
+    for name in ("paths_per_token.csv", "paths_per_token.png", "paths_per_token.pdf", "head_activity.csv", "run.json"):
         assert (out / name).exists(), name
-    first = out / "samples" / f"{samples[0].index:04d}"
+    first = out / "units" / f"{samples[0].index:04d}"
     result = json.loads((first / "result.json").read_text())
     assert result["answer_id"] == model.tokenizer.token_to_id(samples[0].answer)
     assert len(result["kept_paths"]) == len(result["ids"]) and sum(result["kept_paths"][:6]) == 0
@@ -248,18 +251,21 @@ def test_cli_run_writes_resumes_and_checks_settings(tmp_path, tiny_checkpoint):
     # the per-sample files hold what the library computes
     enc = tasks.encode(samples, model.tokenizer)[0]
     direct = P.trace(olmo_iv.load(tmp_path / "model"), torch.tensor(enc.clean_ids), enc.answer_id,
-                     P.PathConfig(mode="masked_heads", threshold=150, sources="6:"))  # fmt: skip
+                     P.PathConfig(mode="masked_heads", threshold=150, sources="6:"))
     assert result["kept_paths"] == direct.kept_per_source().tolist()
     assert (first / "paths.csv").read_text().count("\n") == 1 + len(direct.tokens)
-    # resume: a sample with result.json is skipped; a missing one is redone identically
+    # a sample not marked done is redone identically when the same command runs again
     before = (first / "result.json").read_text()
     (first / "result.json").unlink()
-    res = runner.invoke(_typer_app, [*args, "--resume"])
+    (first / "done.json").unlink()
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "finished": False}))  # as if killed before the end
+    res = runner.invoke(_typer_app, args)
     assert res.exit_code == 0, res.output
     again = json.loads((first / "result.json").read_text())
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in json.loads(before).items()
-                                                                  if k != "seconds"}  # fmt: skip
-    res = runner.invoke(_typer_app, args)  # same folder without --resume
-    assert res.exit_code != 0 and "--resume" in str(res.exception)
-    res = runner.invoke(_typer_app, [*args[:-2], "--threshold", "50", "--out", str(out), "--resume"])
+                                                                  if k != "seconds"}
+    res = runner.invoke(_typer_app, args)  # finished: it says so
+    assert res.exit_code != 0 and "overwrite=True" in str(res.exception)
+    res = runner.invoke(_typer_app, [*args[:-2], "--threshold", "50", "--out", str(out)])
     assert res.exit_code != 0 and "other settings" in str(res.exception)

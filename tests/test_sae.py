@@ -396,10 +396,9 @@ def test_memory_cache_avoids_recomputing_epochs(toy):
 
 
 def test_cli_train_eval_inspect(tmp_path):
+    import olmo_iv.cli.main  # noqa: F401  (registers the commands)
+    from olmo_iv.cli.app import app
     from typer.testing import CliRunner
-
-    import cli.main  # noqa: F401  (registers the commands)
-    from cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "run"
@@ -407,13 +406,16 @@ def test_cli_train_eval_inspect(tmp_path):
             "--max-windows", "48", "--context-size", "32", "--eval-windows", "8", "--expansion", "2", "--k", "8"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    for f in ("sae/cfg.json", "sae/sae_weights.safetensors", "metrics.json", "history.json", "run.json", "settings.json"):
+    for f in ("sae/cfg.json", "sae/sae_weights.safetensors", "metrics.json", "history.json", "summary.json",
+              "run.json"):
         assert (out / f).exists(), f
-    run = json.loads((out / "run.json").read_text())
-    assert run["model_fingerprint"] and run["versions"]["torch"] and run["settings"]["train"]["k"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "run.json").read_text())  # the run store's: settings, versions, fingerprints
+    assert summary["model_fingerprint"] and manifest["versions"]["torch"] and manifest["settings"]["train"]["k"] == 8
+    assert manifest["finished"] and "toy" in manifest["checkpoints"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"fvu", "l0", "dead_fraction"} <= set(metrics["heldout"]) and "ce_recovered" in metrics["spliced"]
-    assert not (out / "checkpoint.safetensors").exists()
+    assert not list(out.glob("units/*/checkpoint.safetensors"))  # pruned once finished
     sae = SAE.load(out / "sae")
     assert sae.cfg.hook_name == "blocks.1.hook_resid_post" and sae.cfg.d_sae == 2 * 96
     res = runner.invoke(app, ["sae", "eval", str(out / "sae"), "--max-windows", "4", "--out", str(tmp_path / "ev")])
@@ -423,3 +425,7 @@ def test_cli_train_eval_inspect(tmp_path):
     assert res.exit_code == 0 and "logit lens" in res.output, res.output
     res = runner.invoke(app, args[:6] + ["--out", str(tmp_path / "bad"), "--k", "0"])
     assert isinstance(res.exception, OlmoIVError) and "--k 0" in str(res.exception)
+    from olmo_iv.runs.store import RunFinished
+
+    res = runner.invoke(app, args)  # the same command again: finished, says where the results are
+    assert isinstance(res.exception, RunFinished) and str(out) in str(res.exception)

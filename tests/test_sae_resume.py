@@ -25,12 +25,12 @@ tc = TrainConfig(steps=200, batch_size=256, checkpoint_every=4, log_every=5, exp
                  dead_tokens=2000)
 s = SAETrainSettings(model="toy", hook_name="blocks.2.hook_resid_post", max_windows=200, context_size=32,
                      windows_per_buffer=16, eval_windows=0, train=tc)
-train_run(s, sys.argv[1], resume=len(sys.argv) > 2)
+train_run(s, sys.argv[1])
 """
 
 
-def _cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", DRIVER, str(out), *extra]
+def _cmd(out: Path) -> list[str]:
+    return [sys.executable, "-c", DRIVER, str(out)]
 
 
 def _env() -> dict[str, str]:
@@ -43,19 +43,19 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoint.safetensors"
     deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not list(killed.glob("units/*/done.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)  # land somewhere inside the run, maybe inside a checkpoint write
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
-    assert ckpt.exists() and not (killed / "run.json").exists()
+    assert list(killed.glob("units/checkpoint-*/done.json")) and not (killed / "summary.json").exists()
 
-    done = subprocess.run(_cmd(killed, "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the same command on the same folder continues from the last checkpoint
+    done = subprocess.run(_cmd(killed), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    run = json.loads((killed / "run.json").read_text())
+    run = json.loads((killed / "summary.json").read_text())
     assert 0 < run["resumed_at_step"] < 200
     a = load_file(str(full / "sae" / "sae_weights.safetensors"))
     b = load_file(str(killed / "sae" / "sae_weights.safetensors"))

@@ -13,27 +13,30 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from olmo_iv.errors import OlmoIVError
-from olmo_iv.stats import (
-    COLUMNS,
+from olmo_iv.analysis.superadditivity import (
     Group,
     StatsConfig,
     margins,
     rank_biserial,
     rank_biserial_resampled,
-    read_run,
     reference_test,
     reference_ttest,
-    run_stats,
     sound_test,
 )
+from olmo_iv.errors import OlmoIVError
+from olmo_iv.runs.stats import read_run, run_stats
+
+COLUMNS = ("model", "task", "mode", "sample", "layers", "n_layers", "target_pos", "rank_clean", "rr_clean",
+           "logit_clean", "rank_target", "rr_target", "logit_target", "rank_patched", "rr_patched",
+           "logit_patched", "rr_diff", "logit_diff")
+"""The columns statistics read (patching.csv has more: query, answer, answer_id)."""
 
 # ------------------------------------------------------------------------------------------------------------
 # A synthetic-run generator: writes patching.csv + summary.json in the format `olmo-iv patch` writes.
 
 
 def additive_scores(rng: np.random.Generator, n_layers: int, n_samples: int, *, triples: bool = False,
-                    margin=None, single_noise: float = 1.0) -> dict[tuple[int, ...], np.ndarray]:  # fmt: skip
+                    margin=None, single_noise: float = 1.0) -> dict[tuple[int, ...], np.ndarray]:
     """Per-sample true effects g(l) ~ N(mu_l, 1); a set S scores sum g(l) + margin(S, rng, n) (default N(0, 1)),
     a single layer scores g(l) + e_l with e_l ~ N(0, single_noise). The observed margin of S is margin(S) - sum e_l,
     so sets sharing a layer have correlated margins, as in real runs; it stays symmetric about 0 when margin is."""
@@ -50,7 +53,7 @@ def additive_scores(rng: np.random.Generator, n_layers: int, n_samples: int, *, 
 
 
 def run_rows(logit: dict, rr: dict | None = None, *, model: str = "synthetic", task: str = "adj_comp",
-             mode: str = "reference", target_pos: int = 0, seed: int = 0) -> list[dict]:  # fmt: skip
+             mode: str = "reference", target_pos: int = 0, seed: int = 0) -> list[dict]:
     """Long-format rows; rr_diff defaults to a coarse (tie-heavy) function of logit_diff, like real RR scores."""
     rng = np.random.default_rng(seed)
     n = len(next(iter(logit.values())))
@@ -67,7 +70,7 @@ def run_rows(logit: dict, rr: dict | None = None, *, model: str = "synthetic", t
                              target_pos=target_pos, rank_clean=1, rr_clean=1.0, logit_clean=logit_c[i],
                              rank_target=rank_t[i], rr_target=rr_t[i], logit_target=logit_t[i], rank_patched=rank_p,
                              rr_patched=rr_p, logit_patched=logit_t[i] + logit[s][i], rr_diff=rr[s][i],
-                             logit_diff=logit[s][i]))  # fmt: skip
+                             logit_diff=logit[s][i]))
     return rows
 
 
@@ -183,7 +186,7 @@ def test_resampled_rank_biserial_equals_rank_biserial_of_each_resample():
     x = rng.normal(0.3, 1, 60)
     (row,) = sound_test(group({(0,): np.zeros(60), (1,): np.zeros(60), (0, 1): x}), StatsConfig(n_boot=4000))
     ref = stats.bootstrap((x,), rank_biserial, vectorized=True, n_resamples=4000, method="percentile",
-                          random_state=np.random.default_rng(1)).confidence_interval  # fmt: skip
+                          random_state=np.random.default_rng(1)).confidence_interval
     assert (row.rb_lo, row.rb_hi) == pytest.approx((ref.low, ref.high), abs=0.03)
 
 
@@ -303,9 +306,8 @@ def test_read_run_errors(tmp_path):
 
 def test_stats_command_writes_tables_and_metadata(tmp_path):
     import typer
+    from olmo_iv.cli.stats import stats_command
     from typer.testing import CliRunner
-
-    from cli.stats import stats_command
 
     app = typer.Typer()  # a group (the callback keeps Typer from collapsing a one-command app)
     app.callback()(lambda: None)
@@ -319,15 +321,16 @@ def test_stats_command_writes_tables_and_metadata(tmp_path):
     res = CliRunner().invoke(app, ["stats", str(run), "--task", "can_fly", "--target-pos", "0", "--n-boot", "200"])
     assert res.exit_code == 0, res.output
     assert "Superadditivity (logit_diff)" in res.output and "can_fly" in res.output and "adj_comp" not in res.output
-    with open(run / "stats_sound_logit_diff.csv") as f:
+    # a selection gets its own files: the statistics of the whole run are never replaced by a part's
+    with open(run / "stats_sound_logit_diff__can_fly__pos0.csv") as f:
         sound = list(csv.DictReader(f))
     assert len(sound) == 10 and {r["task"] for r in sound} == {"can_fly"} and {r["target_pos"] for r in sound} == {"0"}
-    with open(run / "stats_reference.csv") as f:
+    with open(run / "stats_reference__can_fly__pos0.csv") as f:
         assert len(list(csv.DictReader(f))) == 10
-    tex = (run / "stats_sound_logit_diff.tex").read_text()
+    tex = (run / "stats_sound_logit_diff__can_fly__pos0.tex").read_text()
     assert tex.count("\\begin{tabular}") == 1 and "can\\_fly" in tex
-    assert "& $t$ & $p$" in (run / "stats_reference.tex").read_text()
-    meta = json.loads((run / "stats_sound_logit_diff.json").read_text())
+    assert "& $t$ & $p$" in (run / "stats_reference__can_fly__pos0.tex").read_text()
+    meta = json.loads((run / "stats_sound_logit_diff__can_fly__pos0.json").read_text())
     assert meta["settings"]["metric"] == "logit_diff" and meta["settings"]["n_boot"] == 200
     assert meta["input"]["run_settings"] == {"model": "synthetic"} and "numpy" in meta["versions"]
     assert not list(run.glob(".*tmp*"))  # atomic writes leave no temporaries
@@ -339,13 +342,13 @@ def test_stats_command_writes_tables_and_metadata(tmp_path):
 
 
 def test_stats_command_error_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    import cli.main
+    import olmo_iv.cli.main
 
     n = 4
     run = write_run(tmp_path, run_rows({(0,): np.zeros(n), (1,): np.zeros(n)}))
     monkeypatch.setattr(sys, "argv", ["olmo-iv", "stats", str(run)])
     with pytest.raises(SystemExit) as exit_:
-        cli.main.app()
+        olmo_iv.cli.main.app()
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "no multi-layer patches" in " ".join(err.split()) and "Traceback" not in err

@@ -12,11 +12,12 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
+import olmo_iv.tasks.registry  # noqa: F401  (T.registry: the module whose state the fixture resets)
 from olmo_iv import tasks as T
 from olmo_iv.errors import OlmoIVError
 
 PAPER_TASKS = ["adjectives/adj_comp", "adjectives/adj_ant", "animals/anim_color", "animals/can_fly",
-               "bigbench/metaphor_boolean", "bigbench/implicatures", "bigbench/object_counting", "bigbench/snarks"]  # fmt: skip
+               "bigbench/metaphor_boolean", "bigbench/implicatures", "bigbench/object_counting", "bigbench/snarks"]
 
 # One sample of every task: (task, row, reference (clean, source, target), faithful target, label).
 ADJ_COMP = "Given an adjective, state its comparative form."
@@ -24,7 +25,7 @@ ADJ_ANT = "Given an adjective, state its antonym."
 COLOR = "Given an animal, state its most typical associated color."
 FLY = "Given an animal, state whether or not it can fly. Print 'yes' or 'no'."
 METAPHOR = ("For a given metaphorical sentence, identify if the second sentence is the correct interpretation. "
-            "Print Y for yes and N for no.")  # fmt: skip
+            "Print Y for yes and N for no.")
 IMPLIC = "Predict whether Speaker 2's answer to Speaker 1 counts as a yes or as a no. Print Y for yes and N for no."
 COUNT = "For the given sentence, count the number of objects listed and print it as a digit."
 SNARKS = "Choose which of the two statements is sarcastic and print the corresponding letter:"
@@ -53,7 +54,7 @@ GOLDEN = [
      (f"{SNARKS} A:  {PROTEIN} gruel. B:  {PROTEIN} burritos. Answer:", SNARKS,
       f"A:  {PROTEIN} gruel. B:  {PROTEIN} burritos."),
      f"A: {PROTEIN} gruel. B: {PROTEIN} burritos. Answer:", "B"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,8 @@ def all_encoded(tok) -> dict[tuple[str, str], list[T.Encoded]]:
 @pytest.fixture
 def clean_registry(monkeypatch):
     """User registrations and $OLMO_IV_TASKS are undone after the test."""
-    monkeypatch.setattr(T, "_USER", {})
-    monkeypatch.setattr(T, "_env_loaded", [])
+    monkeypatch.setattr(T.registry, "_USER", {})
+    monkeypatch.setattr(T.registry, "_env_loaded", [])
     monkeypatch.delenv(T.TASKS_ENV, raising=False)
     return monkeypatch
 
@@ -120,7 +121,7 @@ def test_vendored_data_and_licences():
     rows = {name: T.n_samples(name) for name in PAPER_TASKS}
     assert rows == {"adjectives/adj_comp": 142, "adjectives/adj_ant": 142, "animals/anim_color": 193,
                     "animals/can_fly": 193, "bigbench/metaphor_boolean": 680, "bigbench/implicatures": 492,
-                    "bigbench/object_counting": 1000, "bigbench/snarks": 181}  # fmt: skip
+                    "bigbench/object_counting": 1000, "bigbench/snarks": 181}
     for extra, n in (("math.csv", 149), ("mushrooms.csv", 196)):
         assert len((d / "ukplab" / extra).read_text().strip().splitlines()) == n + 1
 
@@ -209,7 +210,7 @@ def test_tokenizer_matches_tiktoken_cl100k(tok, all_encoded):
 
     enc = cl100k_encoding()
     texts = ["Hello world's  test\n\n  x  ", "I have 12345 apples, éàü 日本語 🙂", " 8", "  leading", "tab\there",
-             "it's THEY'LL we've", "a\r\nb", "$1,000.50!!", "Answer: more dangerous", " <-->  x", "(a)(b)"]  # fmt: skip
+             "it's THEY'LL we've", "a\r\nb", "$1,000.50!!", "Answer: more dangerous", " <-->  x", "(a)(b)"]
     for batch in all_encoded.values():
         for e in batch:
             texts += [e.sample.clean, e.sample.target, e.sample.answer, " " + e.sample.answer]
@@ -226,7 +227,7 @@ def test_tokenizer_matches_tiktoken_cl100k(tok, all_encoded):
 
 def test_paper_token_positions(tok):
     want = {"adjectives/adj_comp": (8,), "adjectives/adj_ant": (8,), "animals/anim_color": (10,),
-            "animals/can_fly": (11, 19)}  # fmt: skip
+            "animals/can_fly": (11, 19)}
     for name, ends in want.items():
         for mode in T.MODES:
             e = T.encode(T.samples(name, mode=mode, n=3), tok)
@@ -333,7 +334,7 @@ def test_user_csv_task(tmp_path, tok, clean_registry):
     p = tmp_path / "colors.csv"
     p.write_text("word,opposite\nhot,cold\nup,down\n")
     t = T.register_task("mine/opp", p, query_column="word", answer_column="opposite",
-                        instruction="Give the opposite word. ", field="Word", options=("cold", "down"))  # fmt: skip
+                        instruction="Give the opposite word. ", field="Word", options=("cold", "down"))
     assert (
         T.list_tasks()[-1] == "mine/opp"
         and T.get_task("opp") == t
@@ -351,7 +352,7 @@ def test_user_csv_task(tmp_path, tok, clean_registry):
         T.rephrasings("mine/opp")
     # a task file, as $OLMO_IV_TASKS names it, registers on first use of the registry
     (tmp_path / "tasks.json").write_text(json.dumps([{"name": "mine/file", "csv": "colors.csv", "query_column": "word",
-                                                      "answer_column": "opposite", "instruction": "Flip it."}]))  # fmt: skip
+                                                      "answer_column": "opposite", "instruction": "Flip it."}]))
     clean_registry.setenv(T.TASKS_ENV, str(tmp_path / "tasks.json"))
     assert "mine/file" in T.list_tasks() and T.samples("mine/file")[0].clean == "Flip it. Input: hot. Answer:"
 
@@ -387,7 +388,7 @@ def test_prefix_and_bos_errors(clean_registry, tmp_path):
     # a tokenizer that merges ". " makes the instruction's last token differ inside the prompt
     merged = tiny_tokenizer(merges=[(".", "Ġ")])
     with pytest.raises(OlmoIVError, match=r"adjectives/adj_comp sample 0 \(reference\): the tokenized instruction is "
-                                          r"not a prefix .* at token 46"):  # fmt: skip
+                                          r"not a prefix .* at token 46"):
         T.encode(T.samples("adj_comp", n=1), merged)
     bos = tiny_tokenizer(bos="<s>")
     with pytest.raises(
@@ -407,8 +408,7 @@ def test_prefix_and_bos_errors(clean_registry, tmp_path):
 
 def _cli(*args):
     import typer
-
-    from cli.tasks import tasks_command
+    from olmo_iv.cli.tasks import tasks_command
 
     # A group of its own, so the test does not depend on which other commands cli.app holds (a Typer app with
     # a single command would run it without its name).
@@ -435,7 +435,7 @@ def test_cli_show(tok_dir):
     assert r.exit_code == 0, r.output
     assert "T_inst=19 sentence ends=[11, 19]" in r.output and "Animal: bear. Answer:" in r.output
     assert "0 of 2 labels span several tokens" in r.output
-    r = _cli("adj_comp", "--tokenizer", str(tok_dir), "--samples", "3", "--json")
+    r = _cli("adj_comp", "--tokenizer", str(tok_dir), "--samples", "3", "--json", "--mode", "reference")
     rows = json.loads(r.output)
     need = {
         "task",
@@ -475,7 +475,7 @@ def test_cli_errors(tok_dir, tmp_path):
 
 
 def test_cli_entry_point_prints_errors_without_traceback(monkeypatch, capsys):
-    from cli import main
+    from olmo_iv.cli import main
 
     monkeypatch.setattr(sys, "argv", ["olmo-iv", "tasks", "nope"])
     with pytest.raises(SystemExit) as ex:

@@ -11,7 +11,7 @@ import torch
 import olmo_iv
 from olmo_iv import tasks
 from olmo_iv.loading import BUILTIN
-from olmo_iv.train_toy import (
+from olmo_iv.toy.train import (
     SUBTASKS,
     ToyConfig,
     gist_logits,
@@ -125,7 +125,7 @@ def test_faithful_patch_carries_the_task(toy, toy_base, data):
 # ---------------------------------------------------------------------------------------------------- recipe
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=320, steps=20, batch_size=8, warmup=5,
-            threads=1, ckpt_every=0)  # fmt: skip
+            threads=1, ckpt_every=0)
 
 
 def _state(model):
@@ -134,24 +134,24 @@ def _state(model):
 
 def test_training_is_deterministic_and_resumes_exactly(data, tmp_path):
     cfg = ToyConfig(**TINY)
-    a = train(cfg, data, progress=False)
-    b = train(cfg, data, progress=False)
+    a = train(cfg, data)
+    b = train(cfg, data)
     sa, sb = _state(a), _state(b)
     assert a.tokenizer.to_str() == b.tokenizer.to_str()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["embed.weight"], _state(train(ToyConfig(**{**TINY, "seed": 1}), data, progress=False))["embed.weight"])
+    assert not torch.equal(sa["embed.weight"], _state(train(ToyConfig(**{**TINY, "seed": 1}), data))["embed.weight"])
     # killed after 10 steps, resumed: the same weights as the uninterrupted run
     ckpt = tmp_path / "ckpt"
-    train(ToyConfig(**TINY), data, ckpt_dir=ckpt, progress=False, max_steps=10)
+    train(ToyConfig(**TINY), data, ckpt_dir=ckpt, max_steps=10)
     assert (ckpt / "state.json").exists()
-    sc = _state(train(ToyConfig(**TINY), data, ckpt_dir=ckpt, progress=False))
+    sc = _state(train(ToyConfig(**TINY), data, ckpt_dir=ckpt))
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 def test_resume_refuses_other_settings(data, tmp_path):
-    train(ToyConfig(**TINY), data, ckpt_dir=tmp_path, progress=False, max_steps=2)
+    train(ToyConfig(**TINY), data, ckpt_dir=tmp_path, max_steps=2)
     with pytest.raises(olmo_iv.OlmoIVError, match="other settings"):
-        train(ToyConfig(**{**TINY, "lr": 1e-3}), data, ckpt_dir=tmp_path, progress=False)
+        train(ToyConfig(**{**TINY, "lr": 1e-3}), data, ckpt_dir=tmp_path)
 
 
 def test_gist_plumbing_equals_plain_forward(toy):
@@ -167,9 +167,8 @@ def test_gist_plumbing_equals_plain_forward(toy):
 
 
 def test_cli_rejects_bad_which():
+    from olmo_iv.cli.main import _typer_app
     from typer.testing import CliRunner
-
-    from cli.main import _typer_app
 
     res = CliRunner().invoke(_typer_app, ["train-toy", "--which", "big"])
     assert res.exit_code != 0 and isinstance(res.exception, olmo_iv.OlmoIVError)

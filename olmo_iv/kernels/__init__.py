@@ -39,4 +39,4 @@ TRITON_ON_CUDA: bool = _register_triton()
 """Whether CUDA tensors run the Triton kernels."""
 
 __all__ = ["TRITON_ON_CUDA", "frozen_mlp", "frozen_mlp_torch", "norm_scale", "norm_scale_torch", "path_step",
-           "path_step_torch"]  # fmt: skip
+           "path_step_torch"]

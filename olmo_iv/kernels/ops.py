@@ -110,5 +110,5 @@ def check_step_shapes(v, tok, skip, coef, s_att, s_mlp, act_g, w_v, w_o, w_up, w
     torch._check(H % (w_v.shape[0] // dh) == 0, lambda: "path_step: H must be a multiple of H_kv")
     torch._check(s_att.shape == s_mlp.shape and s_att.shape[1] == d, lambda: "path_step: s_att, s_mlp [T, d]")
     torch._check(w_up.shape == (act_g.shape[1], d) and w_down.shape == (d, act_g.shape[1]),
-                 lambda: "path_step: w_up [F, d], w_down [d, F], act_g [T, F]")  # fmt: skip
+                 lambda: "path_step: w_up [F, d], w_down [d, F], act_g [T, F]")
 

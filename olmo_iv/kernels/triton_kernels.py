@@ -48,7 +48,7 @@ def _fused_gemm_kernel(
     HEAD_DIM: tl.constexpr, REP: tl.constexpr,
     HEADS: tl.constexpr, SCALE: tl.constexpr, RESID: tl.constexpr, ALPHA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     # A [M, *] and B [N, K] are row-major with unit column stride (the launcher makes them so).
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -129,7 +129,7 @@ def fused_gemm(
         scale.stride(0) if scale is not None else 0, resid.stride(0) if resid is not None else 0,
         HEAD_DIM=head_dim, REP=rep, HEADS=heads, SCALE=scale is not None, RESID=resid is not None,
         ALPHA=alpha is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -140,7 +140,7 @@ def norm_scale(y: Tensor, w: Tensor, eps: float) -> Tensor:
     if y.shape[0]:
         D = y.shape[1]
         _norm_scale_kernel[(y.shape[0],)](y, w.contiguous(), out, D, y.stride(0), out.stride(0), float(eps),
-                                          BLOCK_D=min(1024, triton.next_power_of_2(D)))  # fmt: skip
+                                          BLOCK_D=min(1024, triton.next_power_of_2(D)))
     return out
 
 
@@ -150,7 +150,7 @@ def frozen_mlp(v: Tensor, tok: Tensor, act_g: Tensor, w_up: Tensor, w_down: Tens
 
 
 def path_step(v: Tensor, tok: Tensor, skip: Tensor, coef: Tensor, s_att: Tensor, s_mlp: Tensor, act_g: Tensor,
-              w_v: Tensor, w_o: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:  # fmt: skip
+              w_v: Tensor, w_o: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """Triton impl of olmo_iv::path_step: four GEMMs with the head weights, gathers and skips fused in."""
     check_step_shapes(v, tok, skip, coef, s_att, s_mlp, act_g, w_v, w_o, w_up, w_down)
     dh = w_o.shape[1] // coef.shape[1]

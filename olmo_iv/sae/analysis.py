@@ -24,7 +24,9 @@ def logit_lens(model: Any, sae: SAE, latent: int, *, k: int = 10) -> dict[str, l
     _check_latent(sae, latent)
     if k < 1:
         raise OlmoIVError(f"k={k} must be >= 1")
-    direction = sae.W_dec[latent].float() * model.ln_final.float()
+    norm = model.ln_final
+    weight = norm.weight if isinstance(norm, torch.nn.Module) else norm  # a module or a bare parameter
+    direction = sae.W_dec[latent].float() * weight.float()
     logits = model.lm_head.weight.float() @ direction
     top, bottom = logits.topk(k), (-logits).topk(k)
     return {"top": list(zip(top.indices.tolist(), top.values.tolist())),

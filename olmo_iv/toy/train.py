@@ -28,7 +28,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from olmo_iv.activations import answer_rank, extract
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write, versions, write_json
 from olmo_iv.loading import load, save
 from olmo_iv.model import KVCache, ModelConfig, OLMo2, init_weights
+from olmo_iv.progress import ProgressFn
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -148,7 +150,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -304,7 +306,7 @@ def build_model(cfg: ToyConfig, tok) -> OLMo2:
     mcfg = ModelConfig(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                        n_kv_heads=cfg.n_heads, d_mlp=cfg.d_mlp, rope_theta=10000.0, rms_norm_eps=1e-6,
                        max_position_embeddings=256, eos_token_id=tok.token_to_id(EOT),
-                       pad_token_id=tok.token_to_id(PAD))  # fmt: skip
+                       pad_token_id=tok.token_to_id(PAD))
     model = init_weights(OLMo2(mcfg), seed=cfg.seed)
     model.tokenizer = tok
     return model
@@ -349,8 +351,8 @@ def _load_ckpt(path: Path, cfg: ToyConfig, model: OLMo2, opt: torch.optim.Optimi
     return int(meta["step"])
 
 
-def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None = None, progress: bool = True,
-          max_steps: int | None = None) -> OLMo2:  # fmt: skip
+def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None = None,
+          progress: ProgressFn | None = None, max_steps: int | None = None) -> OLMo2:
     """Train one toy model; returns it in eval mode with `model.tokenizer` set.
 
     ckpt_dir: where resumable checkpoints go (a finished run removes them); a checkpoint found there resumes.
@@ -371,24 +373,23 @@ def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None 
         start = _load_ckpt(ckpt_dir, cfg, model, opt)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"))  # fmt: skip
-    name = "toy-base" if cfg.control else "toy"
-    with Progress(*cols, disable=not progress) as bar:
-        job = bar.add_task(f"train {name}", total=cfg.steps, completed=start, loss=float("nan"))
-        for step in range(start, stop):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            loss = loss_of(model, batch(cfg, enc, data, step, picks))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            bar.update(job, advance=1, loss=loss.item())
-            if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
-                _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
+    label = f"train {'toy-base' if cfg.control else 'toy'}"
+    if progress is not None:
+        progress(label, start, cfg.steps)
+    for step in range(start, stop):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = loss_of(model, batch(cfg, enc, data, step, picks))
+        if not torch.isfinite(loss):
+            raise OlmoIVError(f"the training loss is {loss.item()} at step {step}: lower lr= or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(label, 1, cfg.steps)
+        if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
+            _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
     if ckpt_dir is not None and stop < cfg.steps:
         _save_ckpt(ckpt_dir, cfg, model, opt, stop)
     return model.eval().requires_grad_(False)
@@ -424,7 +425,7 @@ def evaluate(model: OLMo2, data: ToyData) -> dict:
         own = [n for n, t in data.tasks.items() if t.field == fld]
         t0 = data.tasks[own[0]]
         answers = {n: greedy_answers(model, [t0.prompt(data.tasks[n].instruction, q) for q, _ in t0.rows])
-                   for n in data.tasks}  # fmt: skip
+                   for n in data.tasks}
         rows = list(zip(*answers.values()))
         same4[fld] = sum(len(set(r)) == 1 for r in rows) / len(rows)
         same2[fld] = sum(a == b for a, b in zip(answers[own[0]], answers[own[1]])) / len(rows)
@@ -458,27 +459,19 @@ def patching_check(model: OLMo2, data: ToyData, layers: list[int] | None = None,
         last = torch.tensor([len(e.target_ids) - 1 for e in own])  # right padding needs no mask
         ans = torch.tensor([e.answer_id for e in own])
         pos = own[0].target_pos
-        base = model(ids, logits_at=last)
-        r0, z0 = _rank(base, ans), base.gather(1, ans[:, None])[:, 0]
-        v_own, v_other = _states_at_last(model, own[0].source_ids), _states_at_last(model, other.source_ids)
+        z0, r0 = answer_rank(model(ids, logits_at=last), ans)
+        v_own, v_other = extract(model, [own[0].source_ids, other.source_ids], "hook_resid_post", positions=-1)
         out = {}
         for key, at in [(str(l), [l]) for l in layers] + [("all", list(range(L)))]:
-            p, q = _patched(model, ids, last, pos, v_own, at), _patched(model, ids, last, pos, v_other, at)
-            r1, r2 = _rank(p, ans), _rank(q, ans)
+            (z1, r1), (_, r2) = (answer_rank(_patched(model, ids, last, pos, v, at), ans) for v in (v_own, v_other))
             out[key] = {"improved": (r1 < r0).float().mean().item(), "worsened": (r1 > r0).float().mean().item(),
-                        "rr_diff": (1 / r1 - 1 / r0).mean().item(),
-                        "logit_diff": (p.gather(1, ans[:, None])[:, 0] - z0).mean().item(),
+                        "rr_diff": (1 / r1.float() - 1 / r0.float()).mean().item(),
+                        "logit_diff": (z1 - z0).mean().item(),
                         "top1": (r1 == 1).float().mean().item(), "top1_unpatched": (r0 == 1).float().mean().item(),
                         "partner_improved": (r2 < r0).float().mean().item(),
-                        "partner_top1": (r2 == 1).float().mean().item()}  # fmt: skip
+                        "partner_top1": (r2 == 1).float().mean().item()}
         res[name] = out
     return res
-
-
-def _states_at_last(model: OLMo2, ids: tuple[int, ...]) -> Tensor:
-    """[L, d]: every block's output (hook_resid_post) at the last position of `ids` (T_inst of an instruction)."""
-    _, cache = model.run_with_cache(torch.tensor([ids]), names=lambda h: h.endswith("hook_resid_post"))
-    return torch.stack([cache[f"blocks.{l}.hook_resid_post"][0, -1] for l in range(model.config.n_layers)])
 
 
 def _patched(model: OLMo2, ids: Tensor, last: Tensor, pos: int, vecs: Tensor, layers: list[int]) -> Tensor:
@@ -493,12 +486,6 @@ def _patched(model: OLMo2, ids: Tensor, last: Tensor, pos: int, vecs: Tensor, la
         return model(ids, logits_at=last)
 
 
-def _rank(logits: Tensor, ans: Tensor) -> Tensor:
-    """1-based rank of each row's answer token among all logits (ties count in its favour)."""
-    z = logits.gather(1, ans[:, None])
-    return (logits > z).sum(1).float() + 1
-
-
 # ---------------------------------------------------------------------------------------------------- recipe
 
 
@@ -506,7 +493,8 @@ def size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()) / 1e6
 
 
-def build(cfg: ToyConfig, out: str | Path, *, progress: bool = True, patch_layers: list[int] | None = None) -> dict:
+def build(cfg: ToyConfig, out: str | Path, *, progress: ProgressFn | None = None,
+          patch_layers: list[int] | None = None) -> dict:
     """Train, save (atomically, in cfg.save_dtype), reload the saved files, evaluate them, write training.json."""
     out = Path(out)
     t0 = time.perf_counter()
@@ -518,7 +506,7 @@ def build(cfg: ToyConfig, out: str | Path, *, progress: bool = True, patch_layer
     model = load(out)  # what ships is what is measured
     report = {"model": "toy-base" if cfg.control else "toy", "config": asdict(cfg),
               "train_seconds": round(seconds, 1), "params": model.param_count(),
-              "heldout_instructions": {n: t.heldout_instructions for n, t in data.tasks.items()}}  # fmt: skip
+              "heldout_instructions": {n: t.heldout_instructions for n, t in data.tasks.items()}}
     metrics = evaluate(model, data)
     metrics.pop("answers_table1")
     report["metrics"] = metrics
@@ -536,13 +524,6 @@ def build(cfg: ToyConfig, out: str | Path, *, progress: bool = True, patch_layer
     return report
 
 
-def config_from(overrides: dict) -> ToyConfig:
-    known = {f.name for f in fields(ToyConfig)}
-    bad = set(overrides) - known
-    if bad:
-        raise OlmoIVError(f"unknown toy settings {sorted(bad)}; known: {sorted(known)}")
-    return ToyConfig(**overrides)
-
 
 __all__ = ["ToyConfig", "ToyData", "ToyTask", "load_data", "train", "build", "evaluate", "greedy_answers",
-           "patching_check", "train_tokenizer", "SUBTASKS"]  # fmt: skip
+           "patching_check", "train_tokenizer", "SUBTASKS"]

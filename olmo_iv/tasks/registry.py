@@ -29,7 +29,7 @@ from typing import Any
 from olmo_iv.errors import OlmoIVError
 
 MODES = ("reference", "faithful")
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 DEFAULT_FILLER = "<|endoftext|>"
 TASKS_ENV = "OLMO_IV_TASKS"
 """Environment variable: task files (JSON, os.pathsep-separated) registered on first use of the registry."""
@@ -119,14 +119,14 @@ class Encoded:
                 "answer_token_id": self.answer_id, "answer_n_tokens": self.answer_n_tokens,
                 "answer_ids": list(self.answer_ids), "filler_id": self.filler_id,
                 "clean_ids": list(self.clean_ids), "source_ids": list(self.source_ids),
-                "target_ids": list(self.target_ids)}  # fmt: skip
+                "target_ids": list(self.target_ids)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 
 _COLORS = ("red", "orange", "yellow", "golden", "green", "blue", "purple", "pink", "brown", "black", "white",
-           "gray", "silver", "tan")  # fmt: skip
+           "gray", "silver", "tan")
 _BUILTIN: dict[str, Task] = {
     t.name: t
     for t in [
@@ -153,7 +153,7 @@ _BUILTIN: dict[str, Task] = {
              "letter:", "", "bigbench", ("A", "B"), "bigbench/snarks.json",
              rephrased="ukplab/varied_instructions/snarks_rephrased.csv"),
     ]
-}  # fmt: skip
+}
 _USER: dict[str, Task] = {}
 _env_loaded: list[str] = []  # task files already read from $OLMO_IV_TASKS
 
@@ -183,7 +183,7 @@ def get_task(name: str) -> Task:
 
 
 def register_task(name: str, csv_path: str | os.PathLike, *, query_column: str, answer_column: str,
-                  instruction: str, field: str = "Input", options=()) -> Task:  # fmt: skip
+                  instruction: str, field: str = "Input", options=()) -> Task:
     """Add a contrastive task from a CSV file (one row per sample). The file is read and checked now.
 
     Prompts follow the CSV tasks of the paper: "{instruction} {field}: {query}. Answer:". Re-registering a
@@ -199,7 +199,7 @@ def register_task(name: str, csv_path: str | os.PathLike, *, query_column: str, 
         raise OlmoIVError(f"task {name!r}: the field name is empty (it is the label before the query)")
     path = Path(csv_path).expanduser().resolve()
     task = Task(name, instruction.strip(), field.strip(), "csv", tuple(str(o) for o in options), str(path),
-                query_column, answer_column)  # fmt: skip
+                query_column, answer_column)
     _rows.cache_clear()  # the file may have changed since an earlier registration
     _rows(task)  # fail now, before the task is registered
     _USER[name] = task
@@ -212,7 +212,9 @@ def register_tasks_file(path: str | os.PathLike) -> list[Task]:
     are read from the JSON file's folder."""
     path = Path(path).expanduser()
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise OlmoIVError(f"task file {path} is not UTF-8 text: save it as UTF-8") from None
     except FileNotFoundError as err:
         raise OlmoIVError(f"task file {path} does not exist") from err
     except json.JSONDecodeError as err:
@@ -228,7 +230,7 @@ def register_tasks_file(path: str | os.PathLike) -> list[Task]:
             raise OlmoIVError(f"task file {path}, entry {i}: missing keys {missing}, unknown keys {unknown}")
         out.append(register_task(e["name"], path.parent / e["csv"], query_column=e["query_column"],
                                  answer_column=e["answer_column"], instruction=e["instruction"],
-                                 field=e.get("field", "Input"), options=tuple(e.get("options", ()))))  # fmt: skip
+                                 field=e.get("field", "Input"), options=tuple(e.get("options", ()))))
     return out
 
 
@@ -241,7 +243,11 @@ def _rows(task: Task) -> tuple[tuple[int, str, str], ...]:
     path = task.data_path
     if not path.is_file():
         raise OlmoIVError(f"task {task.name!r}: data file {path} does not exist")
-    rows = _csv_rows(task, path) if task.kind == "csv" else _bigbench_rows(task, path)
+    try:
+        rows = _csv_rows(task, path) if task.kind == "csv" else _bigbench_rows(task, path)
+    except UnicodeDecodeError as err:
+        raise OlmoIVError(f"task {task.name!r}: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "save it as UTF-8") from None
     if not rows:
         raise OlmoIVError(f"task {task.name!r}: {path} holds no samples")
     return rows
@@ -261,7 +267,7 @@ def _csv_rows(task: Task, path: Path) -> tuple[tuple[int, str, str], ...]:
             q, a = (row.get(task.query_column) or "").strip(), (row.get(task.answer_column) or "").strip()
             if not q or not a:
                 raise OlmoIVError(f"task {task.name!r}: {path} row {i} (line {reader.line_num}) has an empty "
-                                  f"{task.query_column if not q else task.answer_column!r} cell")  # fmt: skip
+                                  f"{task.query_column if not q else task.answer_column!r} cell")
             out.append((i, q, a))
     return tuple(out)
 
@@ -269,7 +275,7 @@ def _csv_rows(task: Task, path: Path) -> tuple[tuple[int, str, str], ...]:
 # Gold label of a BIG-bench multiple-choice example = the option with the top score, named as the
 # reference names it (Y/N for yes/no and True/False, A/B for (a)/(b)).
 _BB_LABELS = {"implicatures": {"yes": "Y", "no": "N"}, "metaphor_boolean": {"True": "Y", "False": "N"},
-              "snarks": {"(a)": "A", "(b)": "B"}}  # fmt: skip
+              "snarks": {"(a)": "A", "(b)": "B"}}
 
 
 def _bigbench_rows(task: Task, path: Path) -> tuple[tuple[int, str, str], ...]:
@@ -296,7 +302,7 @@ def _bigbench_rows(task: Task, path: Path) -> tuple[tuple[int, str, str], ...]:
 # It then rewrote them with literal replacements (reference doc §2.3), reproduced here.
 
 _METAPHOR_PREFIX = ("The essence of the task: Given a metaphoric sentence, identify if the second sentence is the "
-                    "correct paraphrase of the first.")  # fmt: skip
+                    "correct paraphrase of the first.")
 _BB_FORMAT: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
     # task: (text before input, text after input, reference rewrite rules in order)
     "implicatures": ("Does Speaker 2's answer mean yes or no? \n\nQ: ", " \nA:",
@@ -310,7 +316,7 @@ _BB_FORMAT: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
     "object_counting": ("Q: ", "\nA:", (("Q: ", "Sentence: "), ("\nA:", " Answer:"))),
     "snarks": ("Q: ", "\nA:", (("Q: Which statement is sarcastic? ", ""), ("\nA:", " Answer:"), ("(a)", "A: "),
                                ("(b)", "B: "))),
-}  # fmt: skip
+}
 
 
 class RewriteWarning(UserWarning):
@@ -403,14 +409,14 @@ def _make_sample(task: Task, mode: str, index: int, query: str, answer: str) -> 
             prompt, _ = reference_rewrite(short, tasksource_inputs(short, query))
             if not prompt.endswith(" Answer:"):
                 raise OlmoIVError(f"{task.name} sample {index}: the rewritten prompt does not end in ' Answer:': "
-                                  f"{prompt!r}")  # fmt: skip
+                                  f"{prompt!r}")
             query = prompt.removesuffix("Answer:").rstrip()
         else:
             query = _faithful_bigbench_query(short, query)
             prompt = f"{query} Answer:"
     target = query if mode == "reference" else prompt
     return Sample(task.name, index, mode, task.instruction, query, answer,
-                  clean=f"{task.instruction} {prompt}", source=task.instruction, target=target, prompt=prompt)  # fmt: skip
+                  clean=f"{task.instruction} {prompt}", source=task.instruction, target=target, prompt=prompt)
 
 
 def _warn_noops(task: Task, rows) -> None:
@@ -423,7 +429,7 @@ def _warn_noops(task: Task, rows) -> None:
         shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
         warnings.warn(f"{task.name}: the reference replacement of {old!r} matches nothing in {len(idx)} "
                       f"sample(s) ({shown}); as in the reference code, that text stays in the prompt",
-                      RewriteWarning, stacklevel=3)  # fmt: skip
+                      RewriteWarning, stacklevel=3)
 
 
 def rephrasings(name: str) -> list[str]:
@@ -459,12 +465,12 @@ def filler_id(tokenizer, filler: str | int | None = None) -> int:
     if isinstance(filler, int) and not isinstance(filler, bool):
         if tokenizer.id_to_token(filler) is None:
             raise OlmoIVError(f"filler id {filler} is not in the tokenizer (vocabulary of "
-                              f"{tokenizer.get_vocab_size(with_added_tokens=True)} tokens)")  # fmt: skip
+                              f"{tokenizer.get_vocab_size(with_added_tokens=True)} tokens)")
         return filler
     tid = tokenizer.token_to_id(str(filler))
     if tid is None:
         raise OlmoIVError(f"the tokenizer has no token {filler!r} to use as the filler; pass filler= another "
-                          f"token string or an id (e.g. the tokenizer's EOS or pad token)")  # fmt: skip
+                          f"token string or an id (e.g. the tokenizer's EOS or pad token)")
     return tid
 
 
@@ -530,7 +536,7 @@ def encode(samples: list[Sample], tokenizer, *, filler: str | int | None = None)
             raise OlmoIVError(f"{where}: the target {s.target!r} tokenizes to nothing")
         out.append(Encoded(s, clean_ids, src_ids, target_ids, t_inst, _sentence_ends(s.source, src, t_inst),
                            target_pos=0, answer_id=label_ids[0], answer_n_tokens=len(label_ids),
-                           answer_ids=tuple(label_ids), filler_id=fid if s.mode == "faithful" else None))  # fmt: skip
+                           answer_ids=tuple(label_ids), filler_id=fid if s.mode == "faithful" else None))
     return out
 
 
@@ -552,4 +558,4 @@ def answer_report(encoded: list[Encoded]) -> dict[str, Any]:
     """How many labels span several tokens (the metric uses the first token, as the paper does)."""
     multi = [e for e in encoded if e.answer_n_tokens > 1]
     return {"n_samples": len(encoded), "n_multi_token": len(multi),
-            "multi_token": sorted({e.sample.answer for e in multi})}  # fmt: skip
+            "multi_token": sorted({e.sample.answer for e in multi})}

@@ -15,14 +15,11 @@ Two tests live here, side by side:
   signed-rank test and an exact sign test on the margins, Benjamini-Hochberg across the tested sets, effect sizes
   with confidence intervals, one metric for everything.
 
-Input: a run folder with `patching.csv` (long format, see `COLUMNS`) and `summary.json`.
+Input: `Group`s, one per (model, task, mode, target_pos); `olmo_iv.runs.stats.read_run` reads them from a run.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import math
 import warnings
 from collections import defaultdict
@@ -32,12 +29,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
+from olmo_iv.interventions.patching import format_layers
 
-COLUMNS = ("model", "task", "mode", "sample", "layers", "n_layers", "target_pos", "rank_clean", "rr_clean",
-           "logit_clean", "rank_target", "rr_target", "logit_target", "rank_patched", "rr_patched",
-           "logit_patched", "rr_diff", "logit_diff")  # fmt: skip
-"""Columns of patching.csv, one row per (task, sample, layer set, target_pos)."""
 METRICS = ("logit_diff", "rr_diff")
 """Per-sample scores the tests can run on: logit_patched - logit_target, rr_patched - rr_target."""
 
@@ -70,84 +64,6 @@ class Group:
         return sorted(next(iter(self.scores.values())), key=lambda s: (len(s), s))
 
 
-def parse_layers(text: str) -> LayerSet:
-    """'5' -> (5,), '3-7' -> (3, 7); the set must be sorted and free of repeats, as `olmo-iv patch` writes it."""
-    try:
-        layers = tuple(int(x) for x in text.split("-"))
-    except ValueError:
-        raise OlmoIVError(f"bad layers value {text!r} in patching.csv: expected layers joined by '-', e.g. '3-7'") from None
-    if list(layers) != sorted(set(layers)) or min(layers) < 0:
-        raise OlmoIVError(f"bad layers value {text!r} in patching.csv: layers must be distinct, sorted and >= 0")
-    return layers
-
-
-def format_layers(layers: LayerSet) -> str:
-    return "-".join(map(str, layers))
-
-
-def read_run(run_dir: str | Path) -> tuple[list[Group], dict]:
-    """Read RUN_DIR/patching.csv and RUN_DIR/summary.json into one `Group` per (model, task, mode, target_pos).
-
-    Every layer set of a group must cover the same samples, and no (sample, layer set) may appear twice:
-    a half-written or concatenated run is reported, never silently trimmed.
-    """
-    run_dir = Path(run_dir)
-    path, summary_path = run_dir / "patching.csv", run_dir / "summary.json"
-    if not run_dir.is_dir():
-        raise OlmoIVError(f"no such run folder: {run_dir}")
-    if not path.exists():
-        raise OlmoIVError(f"{run_dir} has no patching.csv: run `olmo-iv patch` first, or pass the run folder it wrote")
-    if not summary_path.exists():
-        raise OlmoIVError(f"{run_dir} has no summary.json: the run is incomplete or was not written by `olmo-iv patch`")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as err:
-        raise OlmoIVError(f"{summary_path} is not valid JSON: {err}") from err
-
-    raw: dict[tuple, dict[str, dict[LayerSet, dict[int, float]]]] = defaultdict(lambda: defaultdict(dict))
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in ("model", "task", "mode", "sample", "layers", "target_pos", *METRICS) if c not in header]
-        if missing:
-            raise OlmoIVError(f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(header) or 'none'}); "
-                              f"expected the `olmo-iv patch` format: {', '.join(COLUMNS)}")  # fmt: skip
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                key = (row["model"], row["task"], row["mode"], row["target_pos"].strip())
-                sample = int(row["sample"])
-                values = {m: float(row[m]) for m in METRICS}
-            except (TypeError, ValueError) as err:
-                raise OlmoIVError(f"{path}, line {lineno}: unreadable value ({err})") from None
-            layers = parse_layers(row["layers"])
-            if "n_layers" in row and row["n_layers"] not in (None, "") and int(row["n_layers"]) != len(layers):
-                raise OlmoIVError(f"{path}, line {lineno}: n_layers={row['n_layers']} but layers={row['layers']!r}")
-            for m, v in values.items():
-                if not math.isfinite(v):
-                    raise OlmoIVError(f"{path}, line {lineno}: {m} is {v}; the patching run wrote a non-finite score")
-                per_set = raw[key][m].setdefault(layers, {})
-                if sample in per_set:
-                    raise OlmoIVError(f"{path}, line {lineno}: sample {sample}, layers {row['layers']}, "
-                                      f"target_pos {key[3]} appears twice (task {key[1]}); was the file concatenated?")  # fmt: skip
-                per_set[sample] = v
-    if not raw:
-        raise OlmoIVError(f"{path} has a header but no rows: the patching run wrote no results")
-
-    groups = []
-    for (model, task, mode, pos), by_metric in sorted(raw.items()):
-        sets = by_metric[METRICS[0]]
-        samples = sorted(next(iter(sets.values())))
-        for layers, per_sample in sets.items():
-            if sorted(per_sample) != samples:
-                other = set(per_sample) ^ set(samples)
-                raise OlmoIVError(f"{path}: task {task}, target_pos {pos}: layers {format_layers(layers)} covers a "
-                                  f"different set of samples than the others (e.g. sample {min(other)}); the run is "
-                                  "incomplete: resume `olmo-iv patch` to finish it")  # fmt: skip
-        scores = {m: {ls: np.array([d[s] for s in samples]) for ls, d in by_metric[m].items()} for m in METRICS}
-        groups.append(Group(model, task, mode, pos, np.array(samples), scores))
-    return groups, summary
-
-
 def select_groups(groups: list[Group], tasks: list[str] | None = None, target_pos: str | int | None = None) -> list[Group]:
     """Groups of the given tasks / target position; an unknown value is an error that lists what exists."""
     out = groups
@@ -174,7 +90,7 @@ def _check_singles(group: Group, sets: list[LayerSet]) -> None:
     if missing:
         raise OlmoIVError(f"{group.label}: no single-layer patches for layer(s) {', '.join(map(str, missing))}; the "
                           "superadditivity margin f(i,j) - f(i) - f(j) needs them: rerun `olmo-iv patch` with single "
-                          "layers included")  # fmt: skip
+                          "layers included")
 
 
 def margins(group: Group, metric: str, zero_tol: float = 0.0) -> dict[LayerSet, np.ndarray]:
@@ -185,7 +101,7 @@ def margins(group: Group, metric: str, zero_tol: float = 0.0) -> dict[LayerSet, 
     sets = [s for s in group.layer_sets() if len(s) >= 2]
     if not sets:
         raise OlmoIVError(f"{group.label}: the run has no multi-layer patches (only single layers), so there is "
-                          "nothing to test for superadditivity: run `olmo-iv patch` with layer pairs")  # fmt: skip
+                          "nothing to test for superadditivity: run `olmo-iv patch` with layer pairs")
     _check_singles(group, sets)
     out = {}
     for s in sets:
@@ -240,7 +156,7 @@ def reference_ttest(holds: np.ndarray) -> tuple[float, float]:
 
 
 def reference_test(group: Group, *, top: int = 10, select_metric: str = "rr_diff",
-                   test_metric: str = "logit_diff") -> list[ReferenceRow]:  # fmt: skip
+                   test_metric: str = "logit_diff") -> list[ReferenceRow]:
     """`experiments/statistical_test.py` reproduced: pick the `top` grid tuples by 2-decimal mean `select_metric`
     (stable descending sort, ties in row-major order, diagonal included), then per sample
     holds = f(i,j) >= f(i,i) + f(j,j) on `test_metric` (for (l,l): f(l) <= 0), then `reference_ttest`."""
@@ -256,7 +172,7 @@ def reference_test(group: Group, *, top: int = 10, select_metric: str = "rr_diff
         holds = pair >= f[(i,)] + f[(j,)]
         t, p = reference_ttest(holds)
         rows.append(ReferenceRow(group.model, group.task, group.mode, group.target_pos, select_metric, test_metric,
-                                 rank, i, j, mean, int(holds.sum()), len(holds), t, p))  # fmt: skip
+                                 rank, i, j, mean, int(holds.sum()), len(holds), t, p))
     return rows
 
 
@@ -283,6 +199,17 @@ class StatsConfig:
     """Margins with |m| <= zero_tol count as exact ties (0): float noise of batched runs is not evidence."""
     top: int = 10
     """Rows shown and written to LaTeX per group (by mean margin); the CSV has every tested set."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise OlmoIVError(f"metric={self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.fdr not in ("bh", "by"):
+            raise OlmoIVError(f"fdr={self.fdr!r}: use 'bh' (Benjamini-Hochberg) or 'by' (Benjamini-Yekutieli)")
+        check_range("alpha", self.alpha, 0, 1, low_open=True, high_open=True)
+        check_range("confidence", self.confidence, 0, 1, low_open=True, high_open=True)
+        check_range("n_boot", self.n_boot, 0)
+        check_range("zero_tol", self.zero_tol, 0)
+        check_range("top", self.top, 1)
 
 
 @dataclass
@@ -369,7 +296,7 @@ def margin_stats(m: np.ndarray, cfg: StatsConfig) -> dict[str, float]:
     m = np.asarray(m, dtype=float)
     n, pos, neg = len(m), int(np.sum(m > 0)), int(np.sum(m < 0))
     out: dict[str, float] = dict(n=n, n_pos=pos, n_neg=neg, n_zero=n - pos - neg, mean=float(np.mean(m)),
-                                 median=float(np.median(m)))  # fmt: skip
+                                 median=float(np.median(m)))
     nan = float("nan")
     if n >= 2 and np.ptp(m) > 0:
         ci = stats.ttest_1samp(m, 0.0).confidence_interval(cfg.confidence)
@@ -384,7 +311,7 @@ def margin_stats(m: np.ndarray, cfg: StatsConfig) -> dict[str, float]:
     w = stats.wilcoxon(m, alternative="greater", zero_method="wilcox")
     out.update(w_stat=float(w.statistic), p_wilcoxon=float(w.pvalue),
                p_sign=float(stats.binomtest(pos, pos + neg, 0.5, alternative="greater").pvalue),
-               rank_biserial=float(rank_biserial(m)))  # fmt: skip
+               rank_biserial=float(rank_biserial(m)))
     if cfg.n_boot > 0 and n >= 2:
         # percentile bootstrap: n draws with replacement per resample, kept as counts over the observed margins;
         # a resample of zeros only has no rank-biserial and is left out
@@ -414,7 +341,7 @@ def sound_test(group: Group, cfg: StatsConfig | None = None) -> list[SoundRow]:
     rows = []
     for s, qw, qs in zip(sets, q_w, q_s, strict=True):
         rows.append(SoundRow(group.model, group.task, group.mode, group.target_pos, cfg.metric, format_layers(s),
-                             q_wilcoxon=float(qw), q_sign=float(qs), significant=bool(qw <= cfg.alpha), **per[s]))  # fmt: skip
+                             q_wilcoxon=float(qw), q_sign=float(qs), significant=bool(qw <= cfg.alpha), **per[s]))
     order = sorted(range(len(rows)), key=lambda r: (-rows[r].mean, (len(sets[r]), sets[r])))
     rows = [rows[r] for r in order]
     for rank, row in enumerate(rows, start=1):
@@ -426,19 +353,10 @@ def sound_test(group: Group, cfg: StatsConfig | None = None) -> list[SoundRow]:
 # Files
 
 
-def rows_to_csv(rows: list, path: Path, row_type: type) -> None:
-    from olmo_iv.io import atomic_write
-
+def csv_rows(rows: list, row_type: type) -> tuple[list[str], list[list]]:
+    """(header, rows) of a list of result dataclasses, floats in their exact shortest form."""
     names = [f.name for f in fields(row_type)]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=names)
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in asdict(row).items()})
-
-    atomic_write(path, write)
+    return names, [[repr(float(v)) if isinstance(v, float) else v for v in asdict(row).values()] for row in rows]
 
 
 def _tex(text: str) -> str:
@@ -463,14 +381,14 @@ def sound_latex(rows: list[SoundRow], cfg: StatsConfig) -> str:
     for (model, task, mode, pos), rs in _groups_of(rows).items():
         shown = [r for r in rs if r.rank <= cfg.top]
         out.append(f"% {_tex(model)} / {_tex(task)} / mode {_tex(mode)} / target_pos {pos}: top {len(shown)} of "
-                   f"{len(rs)} tested layer sets by mean margin of {cfg.metric}; q = {cfg.fdr.upper()} over all {len(rs)}")  # fmt: skip
+                   f"{len(rs)} tested layer sets by mean margin of {cfg.metric}; q = {cfg.fdr.upper()} over all {len(rs)}")
         out.append("\\begin{tabular}{lrrrrrr}\n\\toprule")
         out.append(f"Layers & Mean margin [{pct}\\% CI] & Median & $r_{{rb}}$ & $k_+/k_-$ & $p_W$ & $q_W$ \\\\\n\\midrule")
         for r in shown:
             star = "$^*$" if r.significant else ""
             out.append(f"({r.layers.replace('-', ', ')}) & {_num(r.mean)} [{_num(r.mean_lo)}, {_num(r.mean_hi)}] & "
                        f"{_num(r.median)} & {_num(r.rank_biserial)} & {r.n_pos}/{r.n_neg} & {_num(r.p_wilcoxon, '.2e')} & "
-                       f"{_num(r.q_wilcoxon, '.2e')}{star} \\\\")  # fmt: skip
+                       f"{_num(r.q_wilcoxon, '.2e')}{star} \\\\")
         out.append("\\bottomrule\n\\end{tabular}\n")
     return "\n".join(out)
 
@@ -481,7 +399,7 @@ def reference_latex(rows: list[ReferenceRow]) -> str:
     for (model, task, mode, pos), rs in _groups_of(rows).items():
         out.append(f"% {_tex(model)} / {_tex(task)} / mode {_tex(mode)} / target_pos {pos}: the authors' test "
                    f"(top {len(rs)} by mean {rs[0].select_metric}, tested on {rs[0].test_metric}, "
-                   "ttest_1samp(0/1, popmean=50)); t encodes only k, p carries no evidence")  # fmt: skip
+                   "ttest_1samp(0/1, popmean=50)); t encodes only k, p carries no evidence")
         out.append("\\begin{tabular}{lrrr}\n\\toprule\nTuple & $t$ & $p$ & $k$ \\\\\n\\midrule")
         for r in rs:
             out.append(f"({r.i}, {r.j}) & {_num(r.t, '.1f')} & {_num(r.p, '.3e')} & {r.k}/{r.n} \\\\")
@@ -494,35 +412,3 @@ class StatsResult:
     sound: list[SoundRow]
     reference: list[ReferenceRow]
     files: list[Path] = field(default_factory=list)
-
-
-def run_stats(run_dir: str | Path, cfg: StatsConfig | None = None, *, tasks: list[str] | None = None,
-              target_pos: str | int | None = None, reference_select: str = "rr_diff", write: bool = True) -> StatsResult:  # fmt: skip
-    """Both tests on every selected group of a run; with `write`, CSV + LaTeX + stats.json go into the run folder
-    (sound files carry the metric in their name, so runs with both metrics keep both)."""
-    from olmo_iv.io import versions, write_json, write_text
-
-    cfg = cfg or StatsConfig()
-    if cfg.metric not in METRICS or reference_select not in METRICS:
-        raise OlmoIVError(f"unknown metric {cfg.metric!r}/{reference_select!r}: use one of {', '.join(METRICS)}")
-    run_dir = Path(run_dir)
-    all_groups, summary = read_run(run_dir)
-    groups = select_groups(all_groups, tasks, target_pos)
-    sound = [row for g in groups for row in sound_test(g, cfg)]
-    reference = [row for g in groups for row in reference_test(g, top=cfg.top, select_metric=reference_select)]
-    result = StatsResult(sound, reference)
-    if write:
-        stem = f"stats_sound_{cfg.metric}"
-        rows_to_csv(sound, run_dir / f"{stem}.csv", SoundRow)
-        write_text(run_dir / f"{stem}.tex", sound_latex(sound, cfg))
-        rows_to_csv(reference, run_dir / "stats_reference.csv", ReferenceRow)
-        write_text(run_dir / "stats_reference.tex", reference_latex(reference))
-        result.files = [run_dir / n for n in (f"{stem}.csv", f"{stem}.tex", "stats_reference.csv", "stats_reference.tex")]
-        digest = hashlib.sha256((run_dir / "patching.csv").read_bytes()).hexdigest()
-        meta = {"settings": {**asdict(cfg), "tasks": tasks, "target_pos": target_pos,
-                             "reference_select": reference_select, "reference_test_metric": "logit_diff"},
-                "versions": versions(), "input": {"patching_csv_sha256": digest, "run_settings": summary.get("settings"),
-                                                  "run_versions": summary.get("versions")},
-                "files": [p.name for p in result.files]}  # fmt: skip
-        result.files.append(write_json(run_dir / f"{stem}.json", meta))
-    return result

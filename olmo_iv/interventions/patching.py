@@ -16,17 +16,35 @@ Targets are grouped by length, so batched rows need no padding; the source run i
 from __future__ import annotations
 
 import itertools
+import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from olmo_iv.activations import NonFiniteError, answer_rank, extract, locate_nonfinite
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.model import OLMo2, rope_cos_sin
+from olmo_iv.model import OLMo2
+from olmo_iv.progress import ProgressFn
 
 LayerSet = tuple[int, ...]
+
+_LAYERS = re.compile(r"\d+(-\d+)*")
+
+
+def format_layers(layers: LayerSet) -> str:
+    """(3, 7) -> '3-7': sorted distinct layers joined by '-' ((5, 5), the diagonal, is the single layer '5')."""
+    return "-".join(str(layer) for layer in sorted(set(layers)))
+
+
+def parse_layers(text: str) -> LayerSet:
+    """'5' -> (5,), '3-7' -> (3, 7), '2-5-9' -> (2, 5, 9); anything else is an error."""
+    text = str(text).strip()
+    if not _LAYERS.fullmatch(text):
+        raise OlmoIVError(f"layer set {text!r}: write layers joined by '-', e.g. 3 or 0-5 or 2-5-9")
+    return tuple(int(x) for x in text.split("-"))
 
 
 @dataclass
@@ -72,16 +90,27 @@ class PatchResult:
         return self.logit_patched - self.logit_target[:, None]
 
 
+GRID_SIZES = (1, 2, 3)
+"""Layer-set sizes `layer_grid` offers: singles, pairs (with the diagonal), triples."""
+
+
+def check_grid_size(size: int) -> None:
+    """The one check of a grid's set size (the CLI, the run settings and `layer_grid` all rely on it)."""
+    if size not in GRID_SIZES:
+        raise OlmoIVError(f"layer sets of size {size!r} are not offered: use 1, 2 or 3, or pass explicit sets")
+
+
 def layer_grid(n_layers: int, size: int, *, diagonal: bool = True) -> list[LayerSet]:
     """The paper's layer sets, in the authors' order: size 1 -> (l,); size 2 -> all i<j then the diagonal (l, l)
     (136 for 16 layers); size 3 -> all i<j<k (560 for 16 layers)."""
+    check_grid_size(size)
+    if not isinstance(n_layers, int) or n_layers < size:
+        raise OlmoIVError(f"n_layers={n_layers!r}: a grid of {size}-layer sets needs at least {size} layers")
     if size == 1:
         return [(layer,) for layer in range(n_layers)]
     if size == 2:
         return list(itertools.combinations(range(n_layers), 2)) + ([(l, l) for l in range(n_layers)] if diagonal else [])
-    if size == 3:
-        return list(itertools.combinations(range(n_layers), 3))
-    raise OlmoIVError(f"layer sets of size {size} are not offered: use 1, 2 or 3, or pass an explicit list")
+    return list(itertools.combinations(range(n_layers), 3))
 
 
 def canonical(layer_set: Sequence[int], n_layers: int) -> LayerSet:
@@ -92,17 +121,6 @@ def canonical(layer_set: Sequence[int], n_layers: int) -> LayerSet:
         if not isinstance(layer, int) or not 0 <= layer < n_layers:
             raise OlmoIVError(f"layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}")
     return tuple(sorted(set(layer_set)))
-
-
-def answer_rank(logits: Tensor, answers: Tensor, *, consume: bool = False) -> tuple[Tensor, Tensor]:
-    """(answer logit, 1-based rank) per row of `logits` [N, V], by counting the logits above the answer's.
-
-    The count is taken in a float buffer (`gt_` writes 0/1, exact below 2**24 logits) rather than through a bool ->
-    int64 mask, which costs 8 bytes per logit. consume=True lets the buffer be `logits` itself (a temporary).
-    """
-    answer_logit = logits.gather(1, answers[:, None]).float()
-    buf = logits.float() if logits.dtype != torch.float32 else (logits if consume else logits.clone())
-    return answer_logit[:, 0], 1 + buf.gt_(answer_logit).sum(1).long()
 
 
 def _resolve(pos: int, length: int, what: str) -> int:
@@ -133,27 +151,6 @@ def _memory(model: OLMo2) -> int:
     if model.device.type == "cuda":
         return torch.cuda.get_device_properties(model.device).total_memory
     return 8 * 2**30
-
-
-@torch.no_grad()
-def resid_at(model: OLMo2, seqs: Sequence[Tensor], pos: int = -1) -> Tensor:
-    """Every block's output (hook_resid_post) at position `pos` of each sequence: [N, L, d], batched."""
-    L, device = model.config.n_layers, model.device
-    out = torch.empty(len(seqs), L, model.config.d_model, dtype=model.dtype, device=device)
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        by_len[len(s)].append(i)
-    for length, rows in by_len.items():
-        p = _resolve(pos, length, "source_pos")
-        for chunk in _chunks(rows, _row_budget(model, length)):
-            ids = torch.stack([seqs[i] for i in chunk]).to(device)
-            grabbed = [None] * L
-            hooks = {f"blocks.{l}.hook_resid_post": (lambda x, n, l=l, p=p, g=grabbed: g.__setitem__(l, x[:, p]))
-                     for l in range(L)}  # fmt: skip
-            with model.hooks(hooks):
-                model(ids, stop_at_layer=L)
-            out[torch.tensor(chunk, device=device)] = torch.stack(grabbed, 1)
-    return out
 
 
 @torch.no_grad()
@@ -203,20 +200,33 @@ def patch_layers(
     max_rank: int = 1000,
     rr_sentinel: float = 0.0,
     cleans: Sequence[Tensor] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> PatchResult:
     """Patch each sample's source residual (at `source_pos`) into its target run (at `target_pos`) for every
     layer set, and measure the answer's logit and rank at the target's last position.
 
     sources, targets (and cleans): lists of 1-D token-id tensors, one per sample; answers: one token id each;
     layer_sets: tuples of layer indices ((l, l) is the single layer l). `target_pos` may differ per sample.
-    `progress(n)` is called with the number of patched rows finished, for progress bars.
+    `progress("patched rows", advance, total)` is called as (sample, layer set) rows finish.
+    Non-finite logits anywhere are an error that names the first hook point where they appear.
     """
+    try:
+        return _patch_layers(model, sources, targets, answers, layer_sets, source_pos=source_pos,
+                             target_pos=target_pos, max_rank=max_rank, rr_sentinel=rr_sentinel, cleans=cleans,
+                             progress=progress)
+    except NonFiniteError as err:
+        if "first appear at" in str(err):
+            raise
+        locate_nonfinite(model, [*(cleans or [])[:2], *sources[:2], *targets[:2]], "logits in patching")
+
+
+def _patch_layers(model, sources, targets, answers, layer_sets, *, source_pos, target_pos, max_rank, rr_sentinel,
+                  cleans, progress) -> PatchResult:
     L, device = model.config.n_layers, model.device
     n = len(targets)
     if not (len(sources) == len(answers) == n) or (cleans is not None and len(cleans) != n):
         raise OlmoIVError(f"got {len(sources)} sources, {n} targets, {len(answers)} answers"
-                          + (f", {len(cleans)} cleans" if cleans is not None else "") + ": give one of each per sample")  # fmt: skip
+                          + (f", {len(cleans)} cleans" if cleans is not None else "") + ": give one of each per sample")
     if n == 0:
         raise OlmoIVError("no samples to patch")
     if not layer_sets:
@@ -238,7 +248,8 @@ def patch_layers(
     # the source run once per distinct source sequence
     distinct: dict[tuple[int, ...], int] = {}
     src_index = [distinct.setdefault(tuple(int(x) for x in s), len(distinct)) for s in sources]
-    src_vecs = resid_at(model, [_as_ids(s, device) for s in distinct], source_pos)[torch.tensor(src_index)]
+    src_vecs = extract(model, [_as_ids(s, device) for s in distinct], "hook_resid_post", positions=source_pos,
+                       batch_size=lambda length: _row_budget(model, length), pad=False)[torch.tensor(src_index)]
 
     logit_t, rank_t = last_logit_rank(model, targets, answers_t)
     logit_p = torch.empty(n, len(sets), dtype=torch.float32, device=device)
@@ -253,7 +264,7 @@ def patch_layers(
         per_sample = cached_sets * L * length * model.config.d_model * (torch.finfo(model.dtype).bits // 8)
         for chunk in _chunks(samples, max(1, _memory(model) // 4 // per_sample)):
             _patch_group(model, targets, chunk, positions, src_vecs, answers_t, tree, column, logit_p, rank_p,
-                         progress)  # fmt: skip
+                         progress)
 
     result = PatchResult(list(sets), logit_t.cpu(), rank_t.cpu(), logit_p.cpu(), rank_p.cpu(), max_rank, rr_sentinel)
     if cleans is not None:
@@ -270,10 +281,10 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
     ids = torch.stack([targets[i] for i in samples])  # [m, T]
     sample_idx = torch.tensor(samples, device=device)
     pos = torch.tensor([positions[i] for i in samples], device=device)
-    cos, sin = rope_cos_sin(torch.arange(T, device=device)[None], model.config.head_dim, model.config.rope_theta)
+    layer_inputs = model.attention_inputs(torch.arange(T, device=device)[None])  # (cos, sin, mask) per block
 
     # the unpatched target run, with every block's output kept: the parent of every single-layer set
-    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), cos, sin)[1]
+    target_outputs = _staggered(model, [(0, model.embed(ids))], range(L), layer_inputs)[1]
     resid: dict[LayerSet, dict[int, Tensor]] = {(): {k: out for k, out in target_outputs.items()}}
     budget = _row_budget(model, T)
     for size in sorted(tree):
@@ -287,7 +298,7 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
                 x0[torch.arange(m, device=device), pos] = src_vecs[sample_idx, node[-1]]  # ... with one position patched
                 starts.append((node[-1] + 1, x0))
             keep = sorted({k for node in chunk for k in nodes[node]})  # blocks the children start after
-            logits, outputs = _staggered(model, starts, keep, cos, sin, logits_at=T - 1)
+            logits, outputs = _staggered(model, starts, keep, layer_inputs, logits_at=T - 1)
             logit, rank = answer_rank(logits, answers[sample_idx].repeat(len(chunk)), consume=True)
             for j, node in enumerate(chunk):
                 rows = slice(j * m, (j + 1) * m)
@@ -296,11 +307,11 @@ def _patch_group(model, targets, samples, positions, src_vecs, answers, tree, co
                 if nodes[node]:  # node j's rows in each kept block's output (rows joined in chunk order)
                     next_resid[node] = {k: outputs[k][rows] for k in nodes[node]}
             if progress is not None:
-                progress(m * sum(len(column.get(node, ())) for node in chunk))
+                progress("patched rows", m * sum(len(column.get(node, ())) for node in chunk), len(targets) * len(logit_p[0]))
         resid = next_resid
 
 
-def _staggered(model, starts, keep, cos, sin, logits_at=None):
+def _staggered(model, starts, keep, layer_inputs, logits_at=None):
     """Run rows that start at different blocks in one pass over the blocks: `starts` is a list of
     (first block, residual [m, T, d] entering it), sorted by first block; each joins the batch when its first block
     comes. Returns (logits [rows, V] at `logits_at` or None, {block k in keep: output of block k for the rows that
@@ -317,7 +328,7 @@ def _staggered(model, starts, keep, cos, sin, logits_at=None):
             joined += 1
         if new:
             active = torch.cat(([active] if active is not None else []) + new)
-        active = model.blocks[layer](active, cos, sin, None, None)
+        active = model.blocks[layer](active, *layer_inputs[layer], None)
         if layer in keep:
             outputs[layer] = active  # a fresh tensor per block: kept by reference, no copy
     rest = [x for _, x in starts[joined:]]  # rows patched at the last block run no block at all
@@ -328,34 +339,11 @@ def _staggered(model, starts, keep, cos, sin, logits_at=None):
     return model.unembed(active[:, logits_at : logits_at + 1])[:, 0], outputs
 
 
-def patch_layers_reference(model, sources, targets, answers, layer_sets, *, source_pos=-1, target_pos=0):
-    """The straightforward method, for tests and benchmarks: one source run and one hooked target run per
-    (sample, layer set), batch size 1, full forward, plain forward hooks. Returns (logits [S, K], ranks [S, K])."""
-    L = model.config.n_layers
-    logits = torch.empty(len(targets), len(layer_sets))
-    ranks = torch.empty(len(targets), len(layer_sets), dtype=torch.long)
-    for i, (src, tgt, ans) in enumerate(zip(sources, targets, answers)):
-        for j, layer_set in enumerate(layer_sets):
-            _, cache = model.run_with_cache(src[None], names=[f"blocks.{l}.hook_resid_post" for l in range(L)])
-            p = target_pos if target_pos >= 0 else len(tgt) + target_pos
-
-            def put(x, name, p=p, cache=cache):
-                x = x.clone()
-                x[:, p] = cache[name][:, source_pos]
-                return x
-
-            with model.hooks({f"blocks.{l}.hook_resid_post": put for l in set(layer_set)}):
-                out = model(tgt[None])[:, -1]
-            logit, rank = answer_rank(out, torch.tensor([ans]))
-            logits[i, j], ranks[i, j] = logit[0], rank[0]
-    return logits, ranks
-
-
 def work_per_sample(layer_sets: Sequence[Sequence[int]], n_layers: int) -> dict[str, int]:
     """Block evaluations per sample: this engine's (prefix sharing) vs one full run per set."""
     sets = [canonical(s, n_layers) for s in layer_sets]
     shared = sum(n_layers - 1 - node[-1] for lvl in _tree(sets).values() for node in lvl)
     return {"shared": shared + n_layers, "naive": len(set(sets)) * n_layers + n_layers,
-            "ratio": round((len(set(sets)) * n_layers + n_layers) / (shared + n_layers), 3)}  # fmt: skip
+            "ratio": round((len(set(sets)) * n_layers + n_layers) / (shared + n_layers), 3)}
 
 

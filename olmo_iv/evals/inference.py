@@ -11,7 +11,6 @@ judged (% of answers a `Judge` accepts as the requested form, right or wrong). T
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -19,12 +18,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from olmo_iv.errors import OlmoIVError
-from olmo_iv.io import atomic_write, versions, write_json
+from olmo_iv.errors import OlmoIVError, check_range
+from olmo_iv.progress import ProgressFn
 
 Mode = Literal["reference", "faithful"]
 MODES: tuple[str, ...] = ("reference", "faithful")
@@ -128,7 +126,7 @@ JUDGE_KIND = {
     "adj_comp": "comparative", "adj_ant": "adjective", "anim_color": "colour", "can_fly": "yes_no",
     "m_color": "colour", "m_edible": "yes_no", "basic_ans": "integer",
     "implicatures": "y_n", "metaphor_boolean": "y_n", "snarks": "a_b", "object_counting": "integer",
-}  # fmt: skip
+}
 """What form each task's instruction asks for; tasks not listed are judged by their options, if they have any."""
 
 IRREGULAR_COMPARATIVES = frozenset("better worse more less fewer lesser farther further elder".split())
@@ -154,7 +152,7 @@ COLOURS = frozenset(
     multicolored multicoloured""".split()
 )
 COLOUR_MODIFIERS = ("light", "dark", "pale", "bright", "deep", "dull", "and", "or", "ish", "dish", "with", "spotted",
-                    "striped")  # fmt: skip
+                    "striped")
 # A colour, possibly modified or combined, with or without the spaces the reference removes:
 # "brown", "light brown", "lightbrown", "black and white", "blackandwhite", "reddish".
 _COLOUR_RE = re.compile("(?:" + "|".join(sorted(COLOURS | set(COLOUR_MODIFIERS), key=len, reverse=True)) + ")+")
@@ -233,7 +231,7 @@ class RuleJudge:
         options = task_options(task)
         if not options:
             raise OlmoIVError(f"the rule judge has no rule for task {task!r} and the task lists no options: "
-                              "use an HTTP judge (--judge http) or give the task options")  # fmt: skip
+                              "use an HTTP judge (HTTPJudge) or give the task options")
         return answer.strip() in options
 
 
@@ -250,7 +248,7 @@ JUDGE_QUESTIONS = {
     "a_b": "Is the answer the letter A or the letter B?",
     "integer": "Is the answer an integer greater than or equal to 0?",
     "options": "Is the answer one of the following: {options}?",
-}  # fmt: skip
+}
 JUDGE_TEMPLATE = (
     "You check whether a language model followed the format an instruction asks for. Do not judge whether the "
     "answer is correct, only whether it has the requested form.\n\n"
@@ -302,7 +300,7 @@ class HTTPJudge:
         if not self.base_url.startswith(("http://", "https://")):
             raise OlmoIVError(f"judge URL {self.base_url!r} must start with http:// or https://")
         if not self.model:
-            raise OlmoIVError("the HTTP judge needs a model name (--judge-model)")
+            raise OlmoIVError("the HTTP judge needs a model name (judge model=)")
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise OlmoIVError(f"environment variable {self.api_key_env} (the judge's API key) is not set")
 
@@ -333,14 +331,14 @@ class HTTPJudge:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # socket.timeout is TimeoutError
                 if last:
                     reason = getattr(err, "reason", err)
-                    raise OlmoIVError(f"could not reach the judge endpoint {url} ({reason}); check --judge-url "
-                                      f"(timeout {self.timeout:g} s)") from err  # fmt: skip
+                    raise OlmoIVError(f"could not reach the judge endpoint {url} ({reason}); check the judge's base_url= "
+                                      f"(timeout {self.timeout:g} s)") from err
             time.sleep(2**attempt)
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
             raise OlmoIVError(f"judge endpoint {url} did not return an OpenAI chat completion "
-                              f"(choices[0].message.content): {raw[:300]!r}") from err  # fmt: skip
+                              f"(choices[0].message.content): {raw[:300]!r}") from err
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -389,12 +387,12 @@ def _pct(flags: Sequence[bool]) -> float:
 
 
 def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode: Mode = "reference",
-               judge: Judge | None = None) -> tuple[list[SampleScore], TaskScore]:  # fmt: skip
+               judge: Judge | None = None) -> tuple[list[SampleScore], TaskScore]:
     """Score generations against samples (objects with .clean, .answer, .instruction, optional .query).
 
-    reference mode: option IA with the reference's options ([] for the adjective tasks gives 0); IA from the
-    judge for every task but anim_color/can_fly, whose IA is the option score (§11.16).
-    faithful mode: option IA only where the task has options; IA from the judge for every task.
+    Option IA exists only where the task has options (the reference scores 0 for the adjective tasks, which have
+    none; that 0 is no measurement, so it is left empty here). reference mode: IA from the judge for every task
+    but anim_color/can_fly, whose IA is the option score (§11.16). faithful mode: IA from the judge everywhere.
     """
     _check_mode(mode)
     if len(samples) != len(generations):
@@ -403,7 +401,6 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
         raise OlmoIVError(f"task {task!r} has no samples to score")
     judge = judge if judge is not None else RuleJudge()
     options = task_options(task)
-    use_options = mode == "reference" or bool(options)
     use_judge = not (mode == "reference" and short_name(task) in REFERENCE_OPTION_IA)
     rows = []
     for i, (s, gen) in enumerate(zip(samples, generations, strict=True)):
@@ -415,16 +412,16 @@ def score_task(task: str, samples: Sequence, generations: Sequence[str], *, mode
             answer_reference=a_ref, answer_faithful=a_fai,
             em_reference=a_ref == gold_label(s.answer, task, "reference"),
             em_faithful=a_fai == gold_label(s.answer, task, "faithful"),
-            in_options=(answer in options) if use_options else None,
+            in_options=(answer in options) if options else None,
             judge=judge.judge(task, s.instruction, answer, query=query) if use_judge else None,
-        ))  # fmt: skip
+        ))
     em_ref, em_fai = _pct([r.em_reference for r in rows]), _pct([r.em_faithful for r in rows])
-    option_ia = _pct([bool(r.in_options) for r in rows]) if use_options else None
+    option_ia = _pct([bool(r.in_options) for r in rows]) if options else None  # no options: no option IA, not 0
     judge_ia = _pct([bool(r.judge) for r in rows]) if use_judge else None
     ia, source = (judge_ia, f"judge:{judge.name}") if use_judge else (option_ia, "options")
     score = TaskScore(task=task, n=len(rows), mode=mode, em=em_ref if mode == "reference" else em_fai,
                       em_reference=em_ref, em_faithful=em_fai, option_ia=option_ia, judge_ia=judge_ia, ia=ia,
-                      ia_source=source)  # fmt: skip
+                      ia_source=source)
     return rows, score
 
 
@@ -447,9 +444,16 @@ class EvalSettings:
     dtype: str = "float32"
     """Weights' dtype."""
 
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.samples is not None:
+            check_range("samples", self.samples, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
 
 def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None = None,
-                  progress: bool = False) -> tuple[list[SampleScore], TaskScore]:  # fmt: skip
+                  progress: ProgressFn | None = None) -> tuple[list[SampleScore], TaskScore]:
     """Generate greedily on the task's prompts (no BOS, no chat template, as the paper) and score them."""
     from olmo_iv.generate import generate_text
     from olmo_iv.tasks import samples as task_samples
@@ -460,138 +464,9 @@ def evaluate_task(model, task: str, settings: EvalSettings, judge: Judge | None 
     eos = model.config.eos_token_id
     stop_ids = (eos,) if settings.stop_at_eos and eos is not None else ()
     gens = generate_text(model, [s.clean for s in data], max_new_tokens=settings.max_new_tokens, stop_ids=stop_ids,
-                         batch_size=settings.batch_size, skip_special_tokens=True, progress=progress)  # fmt: skip
+                         batch_size=settings.batch_size, skip_special_tokens=True, progress=progress)
     return score_task(task, data, gens, mode=settings.mode, judge=judge)  # type: ignore[arg-type]
 
 
 def sample_rows(rows: Sequence[SampleScore]) -> list[dict]:
     return [asdict(r) for r in rows]
-
-
-# ----------------------------------------------------------------------------------------- runs and output
-
-SUMMARY_FIELDS = ("model", "task", "n", "mode", "em", "em_reference", "em_faithful", "option_ia", "judge_ia", "ia",
-                  "ia_source")  # fmt: skip
-
-
-def judge_label(judge: Judge) -> str:
-    """How a judge is recorded in the settings (an HTTP judge by model, endpoint and decision rule)."""
-    if isinstance(judge, HTTPJudge):
-        return f"http:{judge.model}@{judge.base_url}" + (":exact-yes" if judge.exact_yes else "")
-    return judge.name
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "--", str(name).strip("/")) or "model"
-
-
-def checkpoint_fingerprint(name: str) -> str:
-    """Names, sizes and modification times of a checkpoint's files, hashed: a rebuilt model (e.g. a retrained
-    toy) does not reuse the scores of the old one on resume."""
-    import hashlib
-
-    from olmo_iv.loading import resolve
-
-    folder = resolve(name)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-def _write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(fields))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def run_eval(models: Sequence[str], tasks: Sequence[str], settings: EvalSettings, out: str | os.PathLike, *,
-             judge: Judge | None = None, device: str = "cpu", resume: bool = True,
-             progress: bool = True) -> list[dict]:  # fmt: skip
-    """Evaluate every model on every task; write per-sample CSVs, the summary (CSV + JSON) and Figure 12.
-
-    Layout: {out}/{model}/{task}.csv (one row per sample) and {task}.json (scores, settings, device, checkpoint
-    fingerprint; written last, so with `resume` a task whose JSON matches the current run is not run again),
-    then {out}/summary.csv, {out}/summary.json and {out}/figure12.png. Returns the summary rows.
-    """
-    import torch
-
-    import olmo_iv
-    from olmo_iv.tasks import get_task
-
-    if not models:
-        raise OlmoIVError("no model to evaluate")
-    if not tasks:
-        raise OlmoIVError("no task to evaluate")
-    _check_mode(settings.mode)
-    dtype = getattr(torch, settings.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise OlmoIVError(f"unknown dtype {settings.dtype!r}: use float32, bfloat16 or float16")
-    judge = judge if judge is not None else RuleJudge()
-    settings = replace(settings, judge=judge_label(judge))
-    task_names = [get_task(t).name for t in tasks]  # canonical names; fails early on a typo
-    out = Path(out)
-    summary: list[dict] = []
-    for model_name in models:
-        mdir = out / _slug(model_name)
-        model = None
-        fingerprint = checkpoint_fingerprint(model_name)
-        for task in task_names:
-            meta_path = mdir / f"{_slug(task)}.json"
-            record = {"model": str(model_name), "task": task, "settings": asdict(settings), "device": str(device),
-                      "checkpoint": fingerprint}  # fmt: skip
-            if resume and meta_path.exists():
-                old = json.loads(meta_path.read_text())
-                if {k: old.get(k) for k in record} == record:
-                    summary.append(old["score"])
-                    continue
-            if model is None:
-                model = olmo_iv.load(model_name, dtype=dtype, device=device)
-            rows, score = evaluate_task(model, task, settings, judge, progress=progress)
-            _write_csv(mdir / f"{_slug(task)}.csv", sample_rows(rows), [f.name for f in fields(SampleScore)])
-            row = {"model": str(model_name), **asdict(score)}
-            write_json(meta_path, {**record, "score": row, "versions": versions()})
-            summary.append(row)
-        del model
-    _write_csv(out / "summary.csv", summary, SUMMARY_FIELDS)
-    write_json(out / "summary.json", {"settings": asdict(settings), "models": list(map(str, models)),
-                                      "tasks": task_names, "versions": versions(), "scores": summary})  # fmt: skip
-    plot_scores(summary, out / "figure12.png", title=f"Task inference ({settings.mode} post-processing)")
-    return summary
-
-
-def plot_scores(summary: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Figure 12: EM and IA per task (x) in two panels, one bar per model within each task group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    models = list(dict.fromkeys(r["model"] for r in summary))
-    tasks = list(dict.fromkeys(r["task"] for r in summary))
-    by = {(r["model"], r["task"]): r for r in summary}
-    x = np.arange(len(tasks))
-    width = 0.8 / max(len(models), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(5.0, 1.6 * len(tasks) + 2), 6), sharex=True, constrained_layout=True)
-    for ax, key, label in zip(axes, ("em", "ia"), ("exact-match accuracy (%)", "instructional accuracy (%)"),
-                              strict=True):
-        for i, m in enumerate(models):
-            vals = [by.get((m, t), {}).get(key) for t in tasks]
-            vals = [np.nan if v is None else float(v) for v in vals]
-            bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=Path(m).name or m)
-            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(x, [short_name(t) for t in tasks])
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 100
-    if title:
-        axes[0].set_title(title, fontsize=10)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path

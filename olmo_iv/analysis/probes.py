@@ -18,69 +18,33 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import torch
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from olmo_iv.errors import OlmoIVError  # noqa: E402
-from olmo_iv.io import atomic_write  # noqa: E402
+from olmo_iv.activations import extract
+from olmo_iv.errors import OlmoIVError, check_range
+from olmo_iv.progress import ProgressFn
 
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction
 
 
-@torch.inference_mode()
 def last_token_resid(model, ids: Sequence[Sequence[int]], *, layers: Sequence[int] | None = None,
-                     batch_size: int = 64, progress: bool = False) -> torch.Tensor:  # fmt: skip
+                     batch_size: int = 64, progress: ProgressFn | None = None) -> torch.Tensor:
     """resid_post of every requested layer at the last token of each id sequence: float32 [N, len(layers), d] (CPU).
 
-    Sequences are sorted by length and right-padded per batch (causal attention keeps real tokens blind to the
-    padding after them, and RoPE positions count from 0 either way), so one forward serves a whole batch; the
-    blocks after the last requested layer and the unembedding are never run.
+    One forward per batch of length-sorted, right-padded rows serves every layer (olmo_iv.activations.extract).
     """
-    n_layers = model.config.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
-    if not layers or min(layers) < 0 or max(layers) >= n_layers:
-        raise OlmoIVError(f"layers must lie in [0, {n_layers}); got {layers}")
     if any(len(s) == 0 for s in ids):
         raise OlmoIVError("an instruction tokenizes to no tokens; remove empty instructions")
-    if batch_size < 1:
-        raise OlmoIVError(f"batch_size must be >= 1, got {batch_size}")
-    lengths = np.array([len(s) for s in ids])
-    order = np.argsort(lengths, kind="stable")
-    out = torch.empty(len(ids), len(layers), model.config.d_model, dtype=torch.float32)
-    slot = {layer: k for k, layer in enumerate(layers)}
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = _progress(progress, len(batches), "instruction vectors")
-    for rows in batches:
-        t = int(lengths[rows].max())
-        batch = torch.zeros(len(rows), t, dtype=torch.long)
-        for r, i in enumerate(rows):
-            batch[r, : lengths[i]] = torch.as_tensor(list(ids[i]), dtype=torch.long)
-        last = torch.as_tensor(lengths[rows] - 1, device=model.device)
-        arange = torch.arange(len(rows), device=model.device)
-        rows_t = torch.as_tensor(rows)
-
-        def grab(x: torch.Tensor, name: str, rows_t=rows_t, arange=arange, last=last) -> None:
-            # gather inside the hook, so the full [B, T, d] of a layer is never kept
-            out[rows_t, slot[int(name.split(".")[1])]] = x[arange, last].float().cpu()
-
-        with model.hooks([(f"blocks.{layer}.hook_resid_post", grab) for layer in layers]):
-            model(batch.to(model.device), stop_at_layer=max(layers) + 1)
-        bar.advance()
-    bar.close()
-    return out
+    return extract(model, ids, "hook_resid_post", layers=layers, positions=-1, batch_size=batch_size,
+                   dtype=torch.float32, device="cpu", progress=progress)
 
 
 def instruction_vectors(model, texts: Sequence[str], *, tokenizer=None, layers: Sequence[int] | None = None,
-                        batch_size: int = 64, progress: bool = False) -> torch.Tensor:  # fmt: skip
+                        batch_size: int = 64, progress: ProgressFn | None = None) -> torch.Tensor:
     """Instruction vectors of `texts` (each run alone, no special tokens, as the reference): [N, n_layers, d]."""
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
@@ -103,7 +67,8 @@ class VectorSet:
     """[N] position of the rephrasing within its task's file."""
 
 
-def task_vectors(model, tasks: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> VectorSet:
+def task_vectors(model, tasks: Sequence[str], *, batch_size: int = 64,
+                 progress: ProgressFn | None = None) -> VectorSet:
     """Vectors of the 200 rephrasings of each task (olmo_iv.tasks.rephrasings), all layers."""
     from olmo_iv.tasks import get_task, rephrasings
 
@@ -137,6 +102,12 @@ class ProbeConfig:
     confidence: float = 0.95
     """Level of the accuracy intervals (Wilson)."""
 
+    def __post_init__(self) -> None:
+        check_range("test_size", self.test_size, 0, 1, low_open=True, high_open=True)
+        check_range("C", self.C, 0, low_open=True)
+        check_range("max_iter", self.max_iter, 1)
+        check_range("confidence", self.confidence, 0, 1, low_open=True, high_open=True)
+
 
 @dataclass
 class ProbeResult:
@@ -165,10 +136,10 @@ def split(labels: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]
         raise OlmoIVError(f"the probe needs at least two tasks; got {list(classes)}")
     try:
         return train_test_split(np.arange(len(labels)), test_size=cfg.test_size, stratify=labels,
-                                random_state=cfg.seed)  # fmt: skip
+                                random_state=cfg.seed)
     except ValueError as err:
         raise OlmoIVError(f"cannot split {len(labels)} vectors ({dict(zip(classes, counts, strict=True))}) with test_size="
-                          f"{cfg.test_size}: {err}") from err  # fmt: skip
+                          f"{cfg.test_size}: {err}") from err
 
 
 def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -178,7 +149,7 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
 
 
 def probe_layers(X: np.ndarray, labels: np.ndarray, cfg: ProbeConfig | None = None, *,
-                 layers: Sequence[int] | None = None, progress: bool = False) -> list[ProbeResult]:  # fmt: skip
+                 layers: Sequence[int] | None = None, progress: ProgressFn | None = None) -> list[ProbeResult]:
     """A multinomial logistic-regression probe per layer of X [N, L, d], trained and tested on one seeded split."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -193,7 +164,6 @@ def probe_layers(X: np.ndarray, labels: np.ndarray, cfg: ProbeConfig | None = No
     classes, counts = np.unique(labels[train], return_counts=True)
     chance = float(np.mean(labels[test] == classes[np.argmax(counts)]))
     layers = range(X.shape[1]) if layers is None else layers
-    bar = _progress(progress, len(layers), "probe")
     out = []
     for layer in layers:
         clf = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=cfg.seed)
@@ -206,8 +176,8 @@ def probe_layers(X: np.ndarray, labels: np.ndarray, cfg: ProbeConfig | None = No
         lo, hi = proportion_ci(k, len(test), cfg.confidence)
         train_acc = float(np.mean(model.predict(X[train, layer]) == labels[train]))
         out.append(ProbeResult(int(layer), k / len(test), k, len(test), lo, hi, chance, train_acc, converged))
-        bar.advance()
-    bar.close()
+        if progress is not None:
+            progress("probe", 1, len(layers))
     return out
 
 
@@ -237,75 +207,3 @@ def lda_projection(X: np.ndarray, labels: np.ndarray, train: np.ndarray, test: n
     is_test[test] = True
     acc = float(np.mean(lda.predict(X[test]) == labels[test])) if len(test) else float("nan")
     return LdaResult(lda.transform(X), is_test, labels, np.asarray(lda.explained_variance_ratio_), acc)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _short(task: str) -> str:
-    return task.rsplit("/", 1)[-1]
-
-
-def plot_probe(results: dict[str, list[ProbeResult]], path: str | Path) -> Path:
-    """Held-out accuracy by layer, one line per model, Wilson band, chance level dashed."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
-    for name, rows in results.items():
-        x = [r.layer for r in rows]
-        line = ax.plot(x, [r.accuracy for r in rows], marker="o", ms=3, label=name)[0]
-        ax.fill_between(x, [r.ci_lo for r in rows], [r.ci_hi for r in rows], color=line.get_color(), alpha=0.2)
-    chance = next(iter(results.values()))[0].chance
-    ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
-    ax.set(xlabel="layer (resid_post at T_inst)", ylabel="held-out accuracy", ylim=(0, 1.02),
-           title="Linear probe: task of a rephrased instruction")  # fmt: skip
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_lda(results: dict[str, LdaResult], path: str | Path, *, layer: int) -> Path:
-    """LD1 vs LD2 per model (paper Figure 13): training points as dots, held-out points as crosses."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 1.5, 4), squeeze=False,
-                             constrained_layout=True)  # fmt: skip
-    tasks = list(dict.fromkeys(next(iter(results.values())).labels))
-    colors = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tasks)}
-    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
-        if res.coords.shape[1] < 2:
-            raise OlmoIVError("the LDA figure needs at least 3 tasks (2 discriminant axes)")
-        for t in tasks:
-            for test, marker, size in ((False, "o", 8), (True, "x", 18)):
-                sel = (res.labels == t) & (res.is_test == test)
-                ax.scatter(res.coords[sel, 0], res.coords[sel, 1], s=size, marker=marker, color=colors[t],
-                           alpha=0.9 if test else 0.5, linewidths=0.8 if test else 0,
-                           label=_short(t) if not test else None)  # fmt: skip
-        evr = res.explained_variance_ratio
-        ax.set(title=f"{name}, layer {layer} (LDA test acc {res.test_accuracy:.2f})",
-               xlabel=f"LD1 ({evr[0]:.0%})", ylabel=f"LD2 ({evr[1]:.0%})")  # fmt: skip
-    axes[0][-1].legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5),
-                       title="o train, x test", title_fontsize=7)  # fmt: skip
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return Path(path)
-
-
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
-
-    def __init__(self, on: bool, total: int, what: str) -> None:
-        self.p = None
-        if on:
-            from rich.progress import Progress
-
-            self.p = Progress(transient=True)
-            self.p.start()
-            self.task = self.p.add_task(what, total=total)
-
-    def advance(self) -> None:
-        if self.p is not None:
-            self.p.advance(self.task)
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()

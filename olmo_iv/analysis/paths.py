@@ -14,30 +14,27 @@ How it is fast (the authors' code enumerates paths in Python and builds a d x d 
 - values by expanding a prefix trie depth-first in chunks: every shared prefix is computed once, and one
   `olmo_iv::path_step` call steps a whole chunk (each row gathers its own token's diagonals; no d x d matrix);
 - the readout ranks by counting (rank = 1 + #(z > z_answer)) in chunks, with no sort.
-The straightforward per-path implementation (`trace_direct`) is kept as the oracle of the tests and the baseline
-of benchmarks/bench_paths.py.
+The straightforward per-path implementation (`olmo_iv.reference.trace_direct`) is the oracle of the tests and
+the baseline of benchmarks/bench_paths.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from olmo_iv.errors import OlmoIVError
-from olmo_iv.io import prepare_run_dir
+from olmo_iv.activations import answer_rank, locate_nonfinite
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.kernels import norm_scale, path_step
 from olmo_iv.model import OLMo2
+from olmo_iv.progress import ProgressFn
 
 MODES = ("reference", "masked_heads", "attn_weighted")
 
@@ -67,9 +64,11 @@ class PathConfig:
             raise OlmoIVError(f"path mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.threshold < 1:
             raise OlmoIVError(f"threshold={self.threshold}: ranks start at 1, use a threshold of at least 1")
-        if self.chunk < 1 or self.readout_chunk < 1:
-            raise OlmoIVError("chunk and readout_chunk must be positive")
-        parse_sources(self.sources, 1)  # raises on a malformed spec
+        check_range("chunk", self.chunk, 1)
+        check_range("readout_chunk", self.readout_chunk, 1)
+        check_range("max_paths", self.max_paths, 1)
+        if not re.fullmatch(r"all|-?\d*:-?\d*|-?\d+(,-?\d+)*", self.sources.strip().replace(" ", "")):
+            raise OlmoIVError(f"sources={self.sources!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'")
 
     def source_positions(self, n_tokens: int) -> list[int]:
         return parse_sources(self.sources, n_tokens)
@@ -86,8 +85,11 @@ def parse_sources(spec: str, n_tokens: int) -> list[int]:
             return list(range(n_tokens)[slice(int(a) if a else None, int(b) if b else None)])
         picked = [int(x) for x in spec.split(",")]
     except ValueError as err:
-        raise OlmoIVError(f"sources {spec!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'") from err
-    return sorted({p % n_tokens for p in picked if -n_tokens <= p < n_tokens})
+        raise OlmoIVError(f"sources={spec!r}: use 'all', 'A:', 'A:B' or a comma list such as '3,7,8'") from err
+    outside = [p for p in picked if not -n_tokens <= p < n_tokens]
+    if outside:  # dropping them would report zero paths for tokens that do not exist
+        raise OlmoIVError(f"sources={spec!r}: position {outside[0]} is outside a prompt of {n_tokens} tokens")
+    return sorted({p % n_tokens for p in picked})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     """One forward with hooks: everything the surrogates and the attention graph need."""
     if model.dtype != torch.float32:
         raise OlmoIVError(f"path tracing needs an fp32 model (the surrogates are exact only in fp32), got "
-                          f"{model.dtype}: load it with dtype=torch.float32")  # fmt: skip
+                          f"{model.dtype}: load it with dtype=torch.float32")
     ids = torch.as_tensor(ids).reshape(-1).to(model.device)
     if ids.numel() == 0:
         raise OlmoIVError("path tracing needs at least one token")
@@ -140,9 +142,12 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     hooks = [("hook_embed", keep), (f"blocks.{L - 1}.hook_resid_post", keep)]
     for layer in range(L):
         hooks += [(f"blocks.{layer}.attn.hook_out", keep), (f"blocks.{layer}.mlp.hook_out", keep),
-                  (f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.attn.hook_pattern", pattern)]  # fmt: skip
+                  (f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.attn.hook_pattern", pattern)]
     with torch.no_grad(), model.hooks(hooks):
         logits = model(ids[None], logits_at=ids.numel() - 1)[0]
+
+    if not all(bool(torch.isfinite(t).all()) for t in [logits, *(v for v in store.values() if isinstance(v, Tensor))]):
+        locate_nonfinite(model, [ids], "activations in path tracing")
 
     def layers(short: str) -> Tensor:
         return torch.stack([store[f"blocks.{layer}.{short}"] for layer in range(L)])  # type: ignore[misc]
@@ -150,7 +155,7 @@ def observe(model: OLMo2, ids: Tensor | Sequence[int]) -> Observation:
     pats = [store[f"blocks.{layer}.attn.hook_pattern"] for layer in range(L)]
     return Observation(ids, store["hook_embed"], layers("attn.hook_out"), layers("mlp.hook_out"),  # type: ignore[arg-type]
                        layers("mlp.hook_pre"), store[f"blocks.{L - 1}.hook_resid_post"],  # type: ignore[arg-type]
-                       torch.stack([p[0] for p in pats]), torch.stack([p[1] for p in pats]), logits)  # fmt: skip
+                       torch.stack([p[0] for p in pats]), torch.stack([p[1] for p in pats]), logits)
 
 
 @dataclass
@@ -170,10 +175,10 @@ class Surrogates:
 def linearize(model: OLMo2, obs: Observation) -> Surrogates:
     eps, blocks = model.config.rms_norm_eps, model.blocks
     with torch.no_grad():
-        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn, eps) for i, b in enumerate(blocks)])
-        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp, eps) for i, b in enumerate(blocks)])
+        s_att = torch.stack([norm_scale(obs.y_att[i], b.ln_attn.weight, eps) for i, b in enumerate(blocks)])
+        s_mlp = torch.stack([norm_scale(obs.y_mlp[i], b.ln_mlp.weight, eps) for i, b in enumerate(blocks)])
         act = F.silu if model.config.hidden_act == "silu" else F.relu
-        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final, eps)[0]
+        s_fin = norm_scale(obs.x_fin[-1:], model.ln_final.weight, eps)[0]
         return Surrogates(s_att, s_mlp, act(obs.gate), s_fin)
 
 
@@ -267,7 +272,7 @@ def edge_weights(graph: AttnGraph, layer: int, j: Tensor, q: Tensor, mode: str) 
 
 @torch.no_grad()  # the decorator (unlike a `with` inside) restores the caller's grad mode at every yield
 def iter_path_values(model: OLMo2, obs: Observation, sur: Surrogates, graph: AttnGraph, sources: Sequence[int],
-                     mode: str = "reference", chunk: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+                     mode: str = "reference", chunk: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (tokens [n, L+1], values [n, d]) for every complete path from `sources`, in the reference DFS order.
 
     tokens[i] = (s, t_0, ..., t_{L-1} = T-1). The prefix trie is expanded depth-first: a stack entry is a chunk of
@@ -300,7 +305,7 @@ def iter_path_values(model: OLMo2, obs: Observation, sur: Surrogates, graph: Att
         tokens, values, layer, parent, q = stack.pop()
         skip, coef = edge_weights(graph, layer, tokens[parent, -1], q, mode)
         v = path_step(values[parent], q, skip, coef, sur.s_att[layer], sur.s_mlp[layer], sur.act_g[layer],
-                      *weights[layer])  # fmt: skip
+                      *weights[layer])
         tokens = torch.cat([tokens[parent], q[:, None]], 1)
         if layer == L - 1:
             yield tokens, v
@@ -313,9 +318,9 @@ def readout(values: Tensor, s_fin: Tensor, w_u: Tensor, answer: int, chunk: int 
     logits, ranks = [], []
     for a in range(0, values.shape[0], chunk):
         z = (values[a : a + chunk] * s_fin) @ w_u.T
-        za = z[:, answer]
+        za, rank = answer_rank(z, torch.full((z.shape[0],), answer, device=z.device), consume=True)
         logits.append(za)
-        ranks.append(1 + (z > za[:, None]).sum(1))
+        ranks.append(rank)
     if not logits:
         return values.new_zeros(0), torch.zeros(0, dtype=torch.long, device=values.device)
     return torch.cat(logits), torch.cat(ranks)
@@ -363,12 +368,13 @@ class PathResult:
         return sums / self.kept_per_source().clamp(min=1)[:, None, None]
 
 
-def _model_rank(logits: Tensor, answer: int) -> tuple[int, float]:
-    za = logits[answer]
-    return int(1 + (logits > za).sum()), float(za)
+def model_rank(logits: Tensor, answer: int) -> tuple[int, float]:
+    """The model's own (rank, logit) of the answer at the last position."""
+    logit, rank = answer_rank(logits[None], torch.tensor([answer], device=logits.device))
+    return int(rank[0]), float(logit[0])
 
 
-def _prepare(model: OLMo2, ids, answer: int, cfg: PathConfig):
+def prepare(model: OLMo2, ids, answer: int, cfg: PathConfig):
     if not 0 <= answer < model.config.vocab_size:
         raise OlmoIVError(f"answer token {answer} is outside the vocabulary [0, {model.config.vocab_size})")
     obs = observe(model, ids)
@@ -382,16 +388,16 @@ def _prepare(model: OLMo2, ids, answer: int, cfg: PathConfig):
     if sum(total) > cfg.max_paths:
         raise OlmoIVError(f"{sum(total):,} paths to trace from sources {cfg.sources!r} (max_paths={cfg.max_paths:,}): "
                           "trace fewer source tokens (e.g. sources='7:'; early tokens such as an attention sink "
-                          "have the most paths) or raise max_paths")  # fmt: skip
+                          "have the most paths) or raise max_paths")
     return obs, sur, graph, sources, total
 
 
 def trace(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: PathConfig | None = None, *,
-          progress: Callable[[int, int], None] | None = None) -> PathResult:  # fmt: skip
+          progress: ProgressFn | None = None) -> PathResult:
     """Trace every path from the chosen source tokens to the last token, keep those that rank the answer
-    within the threshold. `progress(done, total)` is called after each chunk of complete paths."""
+    within the threshold. `progress("paths", advance, total)` is called after each chunk of complete paths."""
     cfg = cfg or PathConfig()
-    obs, sur, graph, sources, total = _prepare(model, ids, answer, cfg)
+    obs, sur, graph, sources, total = prepare(model, ids, answer, cfg)
     n_total = sum(total)
     w_u = model.lm_head.weight
     kept: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -403,89 +409,14 @@ def trace(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: PathConfi
         kept.append((tokens[keep].cpu(), logit[keep].cpu(), rank[keep].cpu()))
         done += len(tokens)
         if progress:
-            progress(done, n_total)
+            progress("paths", len(tokens), n_total)
     if done != n_total:  # the frontier and the DP count are two computations of the same number
         raise RuntimeError(f"internal error: traced {done} paths, dynamic programming counts {n_total}")
     L = graph.shape[0]
     cat = (lambda i, empty: torch.cat([k[i] for k in kept]) if kept else empty)  # noqa: E731
     return PathResult(cat(0, torch.zeros(0, L + 1, dtype=torch.long)), cat(1, torch.zeros(0)),
                       cat(2, torch.zeros(0, dtype=torch.long)), total, sources, answer, graph, cfg,
-                      *_model_rank(obs.logits, answer))  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The straightforward per-path implementation: the tests' oracle and the benchmark's baseline
-
-
-def edge_list(argmax: np.ndarray, layer: int, j: int) -> list[int]:
-    """Targets of node (layer-1, j) in the reference order: ascending q over the heads' argmax edges ([L, H, T]
-    array), then the pure self edge appended if no head made it."""
-    out = [int(q) for q in np.flatnonzero((argmax[layer] == j).any(0))]
-    return out if j in out else [*out, j]
-
-
-def enumerate_paths(graph: AttnGraph, source: int) -> list[tuple[int, ...]]:
-    """Brute-force DFS over every walk from (-1, source); keeps those at the last token at layer L-1."""
-    L, _, T = graph.shape
-    a = graph.argmax.cpu().numpy()
-    lists = [[edge_list(a, layer, j) for j in range(T)] for layer in range(L)]
-    out, stack = [], [(source,)]
-    while stack:
-        path = stack.pop()
-        layer = len(path) - 1
-        if layer == L:
-            if path[-1] == T - 1:
-                out.append(path)
-            continue
-        stack.extend(path + (q,) for q in reversed(lists[layer][path[-1]]))
-    return out
-
-
-def path_value_direct(model: OLMo2, obs: Observation, sur: Surrogates, graph: AttnGraph, path: Sequence[int],
-                      mode: str = "reference") -> Tensor:  # fmt: skip
-    """The value of one path: the per-layer maps applied one after another, head by head, to X_emb[s]."""
-    cfg = model.config
-    H, dh, rep = cfg.n_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    a, amax = graph.argmax.cpu().numpy(), graph.amax.cpu().numpy()
-    v = obs.x_emb[path[0]]
-    for layer in range(cfg.n_layers):
-        j, q = path[layer], path[layer + 1]
-        w_v, w_o, w_up, w_down = layer_weights(model, layer)
-        heads = [h for h in range(H) if a[layer, h, q] == j]
-        if mode == "reference":
-            weight, skip = dict.fromkeys(range(H), 1.0), 1.0
-        elif mode == "masked_heads":
-            weight, skip = dict.fromkeys(heads, 1.0), float(j == q)
-        else:
-            weight, skip = {h: float(amax[layer, h, q]) for h in heads}, float(j == q)
-        att = torch.zeros_like(v)
-        for h, c in weight.items():
-            kv = h // rep
-            att += c * (w_o[:, h * dh : (h + 1) * dh] @ (w_v[kv * dh : (kv + 1) * dh] @ v))
-        v = skip * v + sur.s_att[layer, q] * att
-        v = v + sur.s_mlp[layer, q] * (w_down @ (sur.act_g[layer, q] * (w_up @ v)))
-    return v
-
-
-def trace_direct(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: PathConfig | None = None) -> PathResult:
-    """`trace` computed path by path: enumerate, multiply out, read out with a full sort (as the reference)."""
-    cfg = cfg or PathConfig()
-    obs, sur, graph, sources, total = _prepare(model, ids, answer, cfg)
-    w_u = model.lm_head.weight
-    toks, logits, ranks = [], [], []
-    with torch.no_grad():
-        for s in sources:
-            for path in enumerate_paths(graph, s):
-                z = w_u @ (sur.s_fin * path_value_direct(model, obs, sur, graph, path, cfg.mode))
-                rank = int((torch.argsort(z, descending=True, stable=True) == answer).nonzero()) + 1
-                if rank <= cfg.threshold:
-                    toks.append(path)
-                    logits.append(float(z[answer]))
-                    ranks.append(rank)
-    L = graph.shape[0]
-    return PathResult(torch.tensor(toks, dtype=torch.long).reshape(-1, L + 1), torch.tensor(logits),
-                      torch.tensor(ranks, dtype=torch.long), total, sources, answer, graph, cfg,
-                      *_model_rank(obs.logits, answer))  # fmt: skip
+                      *model_rank(obs.logits, answer))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -514,190 +445,3 @@ def mean_head_activity(activity: Sequence[np.ndarray], n_samples: int, reference
         out[: a.shape[0]] += np.round(a, 2) if reference_rounding else a
     out /= max(n_samples, 1)
     return np.round(out, 2) if reference_rounding else out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_kept_per_token(mean_kept: np.ndarray, labels: Sequence[str], path: Path, *, title: str,
-                        highlight: Sequence[int] = ()) -> Path:  # fmt: skip
-    """Figure 4: bars of mean kept paths per source position, log y-axis, T_inst ticks in blue."""
-    from olmo_iv.io import atomic_write
-
-    plt = _pyplot()
-    n = len(mean_kept)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n + 2), 3.6), constrained_layout=True)
-    ax.bar(range(n), mean_kept, color="#7b3294")
-    if np.any(mean_kept > 0):
-        ax.set_yscale("log")
-    ax.set_xticks(range(n))
-    ax.set_xticklabels([f"{i} {labels[i]!r}" if i < len(labels) else str(i) for i in range(n)], rotation=90,
-                       fontsize=7)  # fmt: skip
-    for i in highlight:
-        if 0 <= i < n:
-            ax.get_xticklabels()[i].set_color("blue")
-    ax.set_xlabel("source token position (tokens of the first sample)")
-    ax.set_ylabel("mean kept paths per sample")
-    ax.set_title(title, fontsize=9)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path
-
-
-def plot_head_activity(activity: np.ndarray, path: Path, *, title: str) -> Path:
-    """Figure 5: [L, H] heatmap of the fraction of kept paths whose layer-l edge includes head h (0..1)."""
-    from olmo_iv.io import atomic_write
-
-    plt = _pyplot()
-    L, H = activity.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * H + 2.5), 0.24 * L + 1.8), constrained_layout=True)
-    im = ax.imshow(activity, cmap="RdPu", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(0, H, max(1, H // 16)))
-    ax.set_yticks(range(0, L, max(1, L // 16)))
-    fig.colorbar(im, ax=ax, label="fraction of kept paths")
-    ax.set_title(title, fontsize=9)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A run on disk: `olmo-iv paths`
-
-
-@dataclass
-class PathRunSettings:
-    """Everything that determines the numbers of a run; recorded in settings.json and checked on resume."""
-
-    model: str = "toy"
-    """Built-in name, local folder or hub id."""
-    task: str = "adjectives/adj_comp"
-    """Registry name (`olmo-iv tasks` lists them)."""
-    samples: int = 100
-    """The first N samples in file order (the paper's Figures 4 and 5 use 100)."""
-    prompt_mode: str = "reference"
-    """Prompt construction of olmo_iv.tasks: 'reference' (answer token without a leading space) or 'faithful'."""
-    trace: PathConfig = field(default_factory=PathConfig)
-    """Tracing settings."""
-    head_tokens: list[int] = field(default_factory=list)
-    """Source positions whose Figure-5 heatmap is drawn; empty: T_inst of the first sample."""
-    device: str = "cpu"
-    """torch device."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.trace, dict):
-            self.trace = PathConfig(**self.trace)
-        if self.samples < 1:
-            raise OlmoIVError("--samples must be at least 1")
-
-
-def _write_paths_csv(path: Path, result: PathResult) -> None:
-    from olmo_iv.io import atomic_write
-
-    L = result.tokens.shape[1] - 1
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["source", *(f"t{layer}" for layer in range(L)), "logit", "rank"])
-    for toks, z, r in zip(result.tokens.tolist(), result.logit.tolist(), result.rank.tolist(), strict=True):
-        w.writerow([toks[0], *toks[1:], repr(z), r])
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
-
-
-def run_paths(settings: PathRunSettings, out: str | Path, *, resume: bool = False,
-              progress: Callable[[str, int, int], None] | None = None) -> dict:  # fmt: skip
-    """Trace every sample of a task; write per-sample results, then the aggregates and Figures 4 and 5.
-
-    Per sample: samples/NNNN/paths.csv (kept paths) and samples/NNNN/result.json (written last: a sample with
-    result.json is done and is skipped on --resume). `progress(description, done, total)` reports paths.
-    """
-    from olmo_iv import tasks as task_registry
-    from olmo_iv.io import versions, write_json
-    from olmo_iv.loading import load
-
-    out = Path(out)
-    prepare_run_dir(out, asdict(settings), resume, "path-tracing")
-    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
-    model, encoded, timings = None, None, {}
-    started = time.perf_counter()
-    for k, sample in enumerate(samples):
-        folder = out / "samples" / f"{sample.index:04d}"
-        if (folder / "result.json").exists():
-            continue
-        if model is None:
-            t0 = time.perf_counter()
-            model = load(settings.model, dtype=torch.float32, device=settings.device)
-            if model.tokenizer is None:
-                raise OlmoIVError(f"{settings.model} has no tokenizer.json: olmo-iv paths needs it to build prompts")
-            encoded = task_registry.encode(samples, model.tokenizer)
-            timings["load"] = round(time.perf_counter() - t0, 3)
-        enc = encoded[k]
-        t0 = time.perf_counter()
-        report = (lambda done, total, k=k: progress(f"sample {k + 1}/{len(samples)}", done, total)) if progress else None
-        result = trace(model, torch.tensor(enc.clean_ids), enc.answer_id, settings.trace, progress=report)
-        _write_paths_csv(folder / "paths.csv", result)
-        kept = result.kept_per_source().tolist()
-        act = result.head_activity()
-        write_json(folder / "result.json", {
-            "index": sample.index, "query": sample.query, "answer": sample.answer, "answer_id": enc.answer_id,
-            "prompt": sample.clean, "ids": list(enc.clean_ids),
-            "tokens": [model.tokenizer.decode([i]) for i in enc.clean_ids], "t_inst": enc.t_inst,
-            "sentence_ends": list(enc.sentence_ends), "sources": result.sources, "total_paths": result.total,
-            "kept_paths": kept, "model_rank": result.model_rank, "model_logit": result.model_logit,
-            "head_activity": {str(t): act[t].tolist() for t in range(len(kept)) if kept[t]},
-            "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
-    timings["total (this invocation)"] = round(time.perf_counter() - started, 3)
-    return finish(out, settings, samples, timings, versions())
-
-
-def finish(out: Path, settings: PathRunSettings, samples, timings: dict, versions: dict) -> dict:
-    """Aggregate the per-sample results into the Figure-4 and Figure-5 tables and plots, and summary.json."""
-    from olmo_iv.io import write_json, write_text
-
-    results = [json.loads((out / "samples" / f"{s.index:04d}" / "result.json").read_text()) for s in samples]
-    kept = [r["kept_paths"] for r in results]
-    mean_kept = mean_kept_per_token(kept)
-    mean_total = mean_kept_per_token([[float(x) for x in r["total_paths"]] for r in results])
-    first = results[0]
-    L_H = next((np.asarray(a).shape for r in results for a in r["head_activity"].values()), None)
-    per_sample = []
-    for r in results:
-        a = np.zeros((len(r["kept_paths"]), *(L_H or (0, 0))))
-        for t, m in r["head_activity"].items():
-            a[int(t)] = np.asarray(m)
-        per_sample.append(a)
-    activity = mean_head_activity(per_sample, settings.samples)
-    tag = f"{settings.model} · {settings.task} · {settings.trace.mode} · rank ≤ {settings.trace.threshold}"
-    rows = ["position,token,mean_kept_paths,mean_total_paths"]
-    rows += [f"{t},{json.dumps(first['tokens'][t]) if t < len(first['tokens']) else ''},{mean_kept[t]!r},"
-             f"{mean_total[t]!r}" for t in range(len(mean_kept))]  # fmt: skip
-    write_text(out / "paths_per_token.csv", "\n".join(rows) + "\n")
-    files = ["settings.json", "summary.json", "paths_per_token.csv", "samples/*/paths.csv", "samples/*/result.json"]
-    plot_kept_per_token(mean_kept, first["tokens"], out / "paths_per_token.png", highlight=[first["t_inst"]],
-                        title=f"Figure 4: kept paths per source token, mean over {len(results)} samples\n{tag}")  # fmt: skip
-    files.append("paths_per_token.png")
-    head_rows = ["position,layer,head,fraction"]
-    for t in range(activity.shape[0]):
-        for layer in range(activity.shape[1]):
-            head_rows += [f"{t},{layer},{h},{activity[t, layer, h]!r}" for h in range(activity.shape[2])]
-    write_text(out / "head_activity.csv", "\n".join(head_rows) + "\n")
-    files.append("head_activity.csv")
-    for t in settings.head_tokens or [first["t_inst"]]:
-        if L_H is None or t >= activity.shape[0]:
-            continue
-        name = f"head_activity_T{t}.png"
-        plot_head_activity(activity[t], out / name, title=f"Figure 5: head activity at source T{t}, "
-                           f"sum over samples / {settings.samples}\n{tag}")  # fmt: skip
-        files.append(name)
-    summary = {"settings": asdict(settings), "versions": versions, "timings_s": timings, "n_samples": len(results),
-               "mean_kept_paths": mean_kept.tolist(), "mean_total_paths": mean_total.tolist(),
-               "model_rank_of_answer": [r["model_rank"] for r in results], "files": files}  # fmt: skip
-    write_json(out / "summary.json", summary)
-    return summary

@@ -1,18 +1,16 @@
 """A patching run on disk: tasks x models -> patching.csv, summary.json, heatmaps; crash-safe and resumable.
 
-Samples are processed in fixed parts of PART_SIZE (in sample order). Each finished part is written atomically to
-`parts/`; a run killed at any moment and started again with resume=True skips the finished parts and redoes the
-rest, so the final files hold every sample exactly once. `patching.csv` and `summary.json` are assembled from the
-parts at the end, in a fixed order.
+Samples are processed in units of PART_SIZE (in sample order), one unit per (model, task, position, part), through
+the run store: a run killed at any moment and started again skips the finished units and redoes the rest, so the
+final files hold every sample exactly once. `patching.csv` and `summary.json` are assembled from the units at the
+end, in a fixed order.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,14 +19,20 @@ import torch
 
 from olmo_iv import tasks as task_registry
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.io import atomic_write, prepare_run_dir, slug, versions, write_json
+from olmo_iv.interventions.patching import (
+    check_grid_size,
+    format_layers,
+    layer_grid,
+    parse_layers,
+    patch_layers,
+)
 from olmo_iv.loading import load
-from olmo_iv.patching import layer_grid, patch_layers
+from olmo_iv.progress import ProgressFn
+from olmo_iv.runs import figures
+from olmo_iv.runs.store import RunStore, slug
+from olmo_iv.runs.tables import COLUMNS, fmt_float
 
 PART_SIZE = 25
-COLUMNS = ["model", "task", "mode", "sample", "query", "answer", "answer_id", "layers", "n_layers", "target_pos",
-           "rank_clean", "rr_clean", "logit_clean", "rank_target", "rr_target", "logit_target",
-           "rank_patched", "rr_patched", "logit_patched", "rr_diff", "logit_diff"]  # fmt: skip
 DEFAULT_TASKS = ["adjectives/adj_comp", "adjectives/adj_ant", "animals/anim_color", "animals/can_fly"]
 
 
@@ -44,8 +48,9 @@ class PatchSettings:
     """Samples per task: the first N rows in file order (the paper's choice) unless sample_seed is set."""
     sample_seed: int | None = None
     """Draw a seeded random subset of N rows instead of the first N."""
-    layers: int = 2
-    """Layer-set size: 1 (singles), 2 (pairs and the diagonal, the paper's grid) or 3 (all triples)."""
+    layers: int | None = 2
+    """Layer-set size: 1 (singles), 2 (pairs and the diagonal, the paper's grid) or 3 (all triples); None when
+    explicit `sets` are given."""
     diagonal: bool = True
     """With layers=2, include the single layers as the diagonal (l, l)."""
     sets: list[str] = field(default_factory=list)
@@ -65,13 +70,16 @@ class PatchSettings:
     def __post_init__(self) -> None:
         if self.mode not in task_registry.MODES:
             raise OlmoIVError(f"mode {self.mode!r} is not one of {', '.join(task_registry.MODES)}")
-        if self.layers not in (1, 2, 3):
-            raise OlmoIVError(f"--layers {self.layers}: use 1, 2 or 3")
+        if self.sets:
+            self.layers = None  # the run is the explicit sets, whatever the grid size says
+        else:
+            check_grid_size(self.layers)
         if self.samples < 1:
-            raise OlmoIVError("--samples must be at least 1")
+            raise OlmoIVError(f"samples={self.samples}: give at least 1")
+        if self.max_rank < 1:
+            raise OlmoIVError(f"max_rank={self.max_rank}: ranks start at 1, give at least 1")
         for text in self.sets:
-            if not re.fullmatch(r"\d+(-\d+)*", text):
-                raise OlmoIVError(f"layer set {text!r}: write layers joined by '-', e.g. 3 or 0-5 or 2-5-9")
+            parse_layers(text)
         if not self.models or not self.tasks:
             raise OlmoIVError("give at least one model and one task")
         if not self.target_pos:
@@ -80,7 +88,7 @@ class PatchSettings:
             if p not in ("0", "-1", "filler"):
                 raise OlmoIVError(f"target position {p!r}: use 0, -1 or filler")
             if p == "filler" and self.mode != "faithful":
-                raise OlmoIVError("the filler position exists only in the faithful mode (--mode faithful)")
+                raise OlmoIVError("target position 'filler' exists only in the faithful mode (mode='faithful')")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise OlmoIVError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
         for name in self.tasks:
@@ -91,54 +99,40 @@ class PatchSettings:
         return -1.0 if self.mode == "reference" else 0.0
 
 
-def layers_label(layer_set: tuple[int, ...]) -> str:
-    return "-".join(str(layer) for layer in sorted(set(layer_set)))
-
-
-def _fmt(x: float) -> str:
-    return repr(x)  # shortest exact decimal form of the double, so the CSV loses nothing
-
-
 def _part_rows(model_name, task, settings, encoded, result, pos_label) -> list[list]:
     # one conversion to Python lists: per-element tensor indexing is slow on 500k-row 7B triple grids
     rr_t, rr_c, rr_p = result.rr_target.tolist(), result.rr_clean.tolist(), result.rr_patched.tolist()
     lg_t, lg_c, lg_p = result.logit_target.tolist(), result.logit_clean.tolist(), result.logit_patched.tolist()
     rk_t, rk_c, rk_p = result.rank_target.tolist(), result.rank_clean.tolist(), result.rank_patched.tolist()
-    labels = [(layers_label(ls), len(set(ls))) for ls in result.layer_sets]
+    labels = [(format_layers(ls), len(set(ls))) for ls in result.layer_sets]
     rows = []
     for i, enc in enumerate(encoded):
         s = enc.sample
         head = [model_name, task, settings.mode, s.index, s.query, s.answer, enc.answer_id]
-        clean_target = [rk_c[i], _fmt(rr_c[i]), _fmt(lg_c[i]), rk_t[i], _fmt(rr_t[i]), _fmt(lg_t[i])]
+        clean_target = [rk_c[i], fmt_float(rr_c[i]), fmt_float(lg_c[i]), rk_t[i], fmt_float(rr_t[i]), fmt_float(lg_t[i])]
         for j, (label, size) in enumerate(labels):
-            rows.append([*head, label, size, pos_label, *clean_target, rk_p[i][j], _fmt(rr_p[i][j]),
-                         _fmt(lg_p[i][j]), _fmt(rr_p[i][j] - rr_t[i]), _fmt(lg_p[i][j] - lg_t[i])])  # fmt: skip
+            rows.append([*head, label, size, pos_label, *clean_target, rk_p[i][j], fmt_float(rr_p[i][j]),
+                         fmt_float(lg_p[i][j]), fmt_float(rr_p[i][j] - rr_t[i]), fmt_float(lg_p[i][j] - lg_t[i])])
     return rows
 
 
-def _write_csv(path: Path, rows: list[list], header: bool) -> None:
+def _csv_text(rows: list[list]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    if header:
-        writer.writerow(COLUMNS)
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
-def run_patching(settings: PatchSettings, out: str | Path, *, resume: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:  # fmt: skip
-    """Run (or finish) the grid and write patching.csv, summary.json and the heatmaps into `out`.
+def run_patching(settings: PatchSettings, out: str | Path, *, overwrite: bool = False,
+                 progress: ProgressFn | None = None) -> dict:
+    """Run (or continue) the grid and write patching.csv, summary.json and the heatmaps into `out`.
 
-    `progress(description, advance, total)` is called as rows finish. Returns the summary dict.
+    `progress(task, advance, total)` is called as rows finish. Returns the summary dict.
     """
-    out = Path(out)
-    prepare_run_dir(out, asdict(settings), resume, "patching")
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
+    store = RunStore.open(out, "patching", asdict(settings), models=settings.models, overwrite=overwrite)
     dtype = getattr(torch, settings.dtype)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    order: list[Path] = []
+    order: list[str] = []
     for model_name in settings.models:
         model = None
         for task in settings.tasks:
@@ -148,9 +142,9 @@ def run_patching(settings: PatchSettings, out: str | Path, *, resume: bool = Fal
             for pos_label in settings.target_pos:
                 chunks = [samples[k : k + PART_SIZE] for k in range(0, len(samples), PART_SIZE)]
                 for k, chunk in enumerate(chunks):
-                    part = parts / f"{slug(model_name)}__{slug(task)}__pos{slug(pos_label)}__{k:04d}.csv"
-                    order.append(part)
-                    if part.exists():
+                    unit = f"{slug(model_name)}__{slug(task)}__pos{slug(pos_label)}__{k:04d}"
+                    order.append(unit)
+                    if store.done(unit):
                         if progress:
                             progress(f"{task} (done)", 0, 0)
                         continue
@@ -158,29 +152,32 @@ def run_patching(settings: PatchSettings, out: str | Path, *, resume: bool = Fal
                         t0 = time.perf_counter()
                         model = load(model_name, dtype=dtype, device=settings.device)
                         if model.tokenizer is None:
-                            raise OlmoIVError(f"{model_name} has no tokenizer.json: olmo-iv patch needs it to build prompts")
+                            raise OlmoIVError(f"model {model_name!r} has no tokenizer.json: patching needs it to "
+                                              "build prompts")
                         timings[f"load {model_name}"] = round(time.perf_counter() - t0, 3)
                     t0 = time.perf_counter()
                     encoded = task_registry.encode(chunk, model.tokenizer)
                     sets = _layer_sets(settings, model.config.n_layers)
                     positions = [_position(pos_label, e) for e in encoded]
-                    report = (lambda n, task=task, total=len(samples) * len(sets): progress(task, n, total)) if progress else None
+                    total = len(samples) * len(sets)
+                    report = (lambda _, n, __, task=task, total=total: progress(task, n, total)) if progress else None
                     result = patch_layers(
                         model, [torch.tensor(e.source_ids) for e in encoded], [torch.tensor(e.target_ids) for e in encoded],
                         [e.answer_id for e in encoded], sets, source_pos=-1, target_pos=positions,
                         max_rank=settings.max_rank, rr_sentinel=settings.rr_sentinel,
-                        cleans=[torch.tensor(e.clean_ids) for e in encoded], progress=report)  # fmt: skip
-                    _write_csv(part, _part_rows(model_name, task, settings, encoded, result, pos_label), header=False)
+                        cleans=[torch.tensor(e.clean_ids) for e in encoded], progress=report)
+                    rows = _part_rows(model_name, task, settings, encoded, result, pos_label)
+                    store.complete(unit, {"rows.csv": _csv_text(rows)})
                     key = f"patch {model_name} {task} pos {pos_label}"
                     timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 3)
         del model
     timings["total (this invocation)"] = round(time.perf_counter() - started, 3)
-    return finish(out, settings, order, timings)
+    return finish(store, settings, order, timings)
 
 
 def _layer_sets(settings: PatchSettings, n_layers: int) -> list[tuple[int, ...]]:
     if settings.sets:  # the engine checks every index against the model's layers
-        return [tuple(int(x) for x in text.split("-")) for text in settings.sets]
+        return [parse_layers(text) for text in settings.sets]
     return layer_grid(n_layers, settings.layers, diagonal=settings.diagonal)
 
 
@@ -191,25 +188,25 @@ def _position(label: str, enc) -> int:
     return pos if pos >= 0 else len(enc.target_ids) + pos
 
 
-def finish(out: Path, settings: PatchSettings, order: list[Path], timings: dict[str, float]) -> dict:
-    """Assemble patching.csv from the parts in their fixed order, then summary.json and the heatmaps."""
-    text = ",".join(COLUMNS) + "\n" + "".join(p.read_text() for p in order)
-    atomic_write(out / "patching.csv", lambda tmp: tmp.write_text(text))
-    table = _read(out / "patching.csv")
-    summary = {"settings": asdict(settings), "versions": versions(), "timings_s": timings, "top10": top10(table),
-               "files": ["patching.csv", "summary.json"]}  # fmt: skip
-    from olmo_iv.plots import pair_heatmaps
-
-    for metric, label in (("rr_diff", "mean RR difference (patched - target)"),
-                          ("logit_diff", "mean logit difference (patched - target)")):  # fmt: skip
+def finish(store: RunStore, settings: PatchSettings, order: list[str], timings: dict[str, float]) -> dict:
+    """Assemble patching.csv from the units in their fixed order, then summary.json and the heatmaps."""
+    text = ",".join(COLUMNS) + "\n" + "".join(store.read(unit, "rows.csv") for unit in order)
+    store.write_text("patching.csv", text)
+    table = _read(store.path("patching.csv"))
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "timings_s": timings,
+               "verdict_confidence": VERDICT_CONFIDENCE, "verdict": verdict(table), "top10": top10(table),
+               "files": ["patching.csv", "summary.json"]}
+    for metric, label in (("rr_diff", "mean RR difference (patched - query alone)"),
+                          ("logit_diff", "mean logit difference (patched - query alone)")):
         for pos in settings.target_pos:
-            panels = heatmap_panels(table, metric, pos)
-            if panels:
-                name = f"heatmap_{metric}_pos{slug(pos)}.png"
-                pair_heatmaps(panels, out / name, label=label,
-                              title=f"{metric}, {settings.mode} mode, target position {pos}, {settings.samples} samples")  # fmt: skip
-                summary["files"].append(name)
-    write_json(out / "summary.json", summary)
+            fig = patching_figure(table, metric, pos, label=label,
+                                  title=f"{settings.mode} prompts, patched at {pos}, {settings.samples} samples per task")
+            summary["files"] += [p.name for p in store.save_figure(f"heatmap_{metric}_pos{slug(pos)}", fig)]
+    from olmo_iv.io import versions
+
+    summary["versions"] = versions()
+    store.write_json("summary.json", summary)
+    store.finish(prune_units=True)  # patching.csv holds every unit's rows now
     return summary
 
 
@@ -226,6 +223,37 @@ def _means(table: dict[str, np.ndarray], metric: str) -> dict[tuple[str, str, st
     return {k: {layers: float(np.mean(v)) for layers, v in g.items()} for k, g in groups.items()}
 
 
+VERDICT_CONFIDENCE = 0.95
+
+
+def verdict(table: dict[str, np.ndarray], confidence: float = VERDICT_CONFIDENCE) -> list[dict]:
+    """Per model, task and position: the layer set with the largest mean RR difference, a seeded percentile
+    bootstrap CI of that mean (scipy.stats.bootstrap), and the best single layer beside it."""
+    from scipy.stats import bootstrap
+
+    out = []
+    groups: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for m, t, p, layers, v in zip(table["model"], table["task"], table["target_pos"], table["layers"],
+                                  table["rr_diff"]):
+        groups.setdefault((m, t, p), {}).setdefault(layers, []).append(float(v))
+    for (m, t, p), by_set in groups.items():
+        means = {k: float(np.mean(v)) for k, v in by_set.items()}
+        best = max(means, key=means.__getitem__)  # first of equals in the grid's order
+        singles = {k: v for k, v in means.items() if "-" not in k}
+        single = max(singles, key=singles.__getitem__) if singles else None
+        x = np.asarray(by_set[best])
+        if len(x) > 1 and np.ptp(x) > 0:
+            ci = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile",
+                           random_state=0).confidence_interval
+            low, high = float(ci.low), float(ci.high)
+        else:  # one sample, or all equal: the interval is the point
+            low = high = float(x.mean())
+        out.append({"model": m, "task": t, "target_pos": p, "layers": best, "mean": means[best], "ci_low": low,
+                    "ci_high": high, "n": len(x), "best_single": single,
+                    "best_single_mean": means[single] if single is not None else float("nan")})
+    return out
+
+
 def top10(table: dict[str, np.ndarray]) -> list[dict]:
     """Per model, task and position: the ten layer sets with the largest mean RR difference and logit difference."""
     out = []
@@ -233,8 +261,22 @@ def top10(table: dict[str, np.ndarray]) -> list[dict]:
         for (m, t, p), means in _means(table, metric).items():
             best = sorted(means.items(), key=lambda kv: -kv[1])[:10]  # stable: ties keep the grid order
             out.append({"model": m, "task": t, "target_pos": p, "metric": metric,
-                        "top": [{"layers": k, "mean": round(v, 6)} for k, v in best]})  # fmt: skip
+                        "top": [{"layers": k, "mean": round(v, 6)} for k, v in best]})
     return out
+
+
+def patching_figure(table: dict[str, np.ndarray], metric: str, pos: str, *, label: str, title: str):
+    """The figure a grid calls for: L x L heatmaps for pairs, a per-layer profile for single layers, and the best
+    sets as bars for triples or explicit sets (which have no square picture)."""
+    means = {(m, t): v for (m, t, p), v in _means(table, metric).items() if p == pos}
+    sizes = {len(parse_layers(k)) for v in means.values() for k in v}
+    if sizes == {1}:
+        profile = {key: {parse_layers(k)[0]: v for k, v in by.items()} for key, by in means.items()}
+        return figures.layer_profile(profile, title=title, label=label)
+    if sizes <= {1, 2} and any(len(by) > 1 for by in means.values()):
+        return figures.pair_heatmaps(heatmap_panels(table, metric, pos), title=title, label=label)
+    best = {key: sorted(by.items(), key=lambda kv: -kv[1])[:10] for key, by in means.items()}
+    return figures.top_sets(best, title=f"{title}: the 10 best layer sets", label=label)
 
 
 def heatmap_panels(table: dict[str, np.ndarray], metric: str, pos: str) -> dict[tuple[str, str], np.ndarray]:
@@ -243,7 +285,7 @@ def heatmap_panels(table: dict[str, np.ndarray], metric: str, pos: str) -> dict[
     for (m, t, p), means in _means(table, metric).items():
         if p != pos:
             continue
-        cells = {tuple(int(x) for x in k.split("-")): v for k, v in means.items()}
+        cells = {parse_layers(k): v for k, v in means.items()}
         if any(len(k) > 2 for k in cells):
             continue  # triples have no square picture
         n = 1 + max(max(k) for k in cells)

@@ -1,0 +1,73 @@
+"""`olmo-iv steer`: difference-of-means steering vectors and steered generation (Stolfo et al.)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console, out_option, progress_bar
+from rich.markup import escape
+
+steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
+                        no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+
+
+@steer_app.command("vectors")
+def vectors(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    pairs: Path = typer.Option(..., help='JSONL, one {"with": ..., "without": ...} user message pair per line.'),
+    position: str = typer.Option("last", help="Where activations are read: last (the last prompt token, the authors'), instruction (mean over its tokens) or prompt (mean over all)."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    out: Path = out_option("runs/steer-vectors"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Difference-of-means vectors for every layer: vectors.safetensors (u [n_layers, d_model], zbar [n_layers])."""
+    from olmo_iv.runs.steer import VectorSettings, run_vectors
+
+    con = console()
+    settings = VectorSettings(model=model, pairs=str(pairs), position=position, style=style, batch_size=batch_size,
+                              device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        vecs = run_vectors(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    con.print(f"{vecs.meta['n_pairs']} pairs, {vecs.u.shape[0]} layers; z̄ per layer: "
+              + ", ".join(f"{z:.2f}" for z in vecs.zbar.tolist()))
+    con.print(f"files: {escape(str(out))}/ (vectors.safetensors, vectors.json)")
+
+
+@steer_app.command("generate")
+def generate(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    vectors: Path = typer.Option(..., help="Folder written by `olmo-iv steer vectors`."),
+    layer: int = typer.Option(..., help="Layer whose hook_resid_post is edited."),
+    mode: str = typer.Option("add", help="add (h + C·u), adjust_rs (set h·u to z̄) or ablate (remove h·u)."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit (1 = full)."),
+    prompts: Path = typer.Option(..., help='JSONL, one {"prompt": ...} user message per line.'),
+    max_new_tokens: int = typer.Option(64, help="New tokens per prompt (a row also ends at EOS)."),
+    positions: str = typer.Option("all", help="all (the authors'), prompt, generated or last_prompt."),
+    decay: float = typer.Option(None, help="Weight the k-th generated token by decay**k (default: constant)."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(None, help="Sample with this seed instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="With --seed: softmax temperature."),
+    out: Path = out_option("runs/steer-generate"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Steered generation with a KV cache: generations.jsonl, one {"prompt", "ids", "text"} per prompt."""
+    from olmo_iv.runs.steer import GenerateSettings, run_generate
+
+    con = console()
+    settings = GenerateSettings(model=model, vectors=str(vectors), prompts=str(prompts), layer=layer, mode=mode,
+                                coef=coef, positions=positions, decay=decay, max_new_tokens=max_new_tokens,
+                                style=style, batch_size=batch_size, seed=seed, temperature=temperature,
+                                device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        rows = run_generate(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    for r in rows[:5]:
+        con.print(f"[bold]{escape(r['prompt'][:60])}[/] → {escape(r['text'][:100])!r}")
+    con.print(f"files: {escape(str(out))}/ (generations.jsonl, summary.json)")

@@ -1,0 +1,1 @@
+"""Analyses that return data: superadditivity statistics, probes and LDA, path tracing."""

@@ -1,0 +1,1 @@
+"""Evaluations: task inference (exact match, instructional accuracy, judges) and IFEval, offline."""

@@ -1,0 +1,1 @@
+"""Interventions on the forward pass: activation patching (and, later, steering)."""

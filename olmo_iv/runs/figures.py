@@ -1,0 +1,321 @@
+"""Every figure olmo-iv draws, on matplotlib's object API: no pyplot state, no backend switch.
+
+Each function takes the data an analysis returned and gives back a `matplotlib.figure.Figure`; `save_figure`
+writes it as PNG (200 dpi) and PDF, each atomically. Run folders get their figures through the run store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import matplotlib.patches
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+
+from olmo_iv.io import atomic_write
+
+DPI = 200
+FORMATS = ("png", "pdf")
+
+
+def save_figure(fig: Figure, path: str | Path) -> list[Path]:
+    """Write `fig` beside `path` as PNG and PDF (the suffix of `path` is replaced); returns the files."""
+    path = Path(path)
+    written = []
+    for fmt in FORMATS:
+        target = path.with_suffix(f".{fmt}")
+        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, dpi=DPI, format=fmt))
+        written.append(target)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ patching
+
+
+def display_task(task: str) -> str:
+    """The one name a task has on every figure: its subtask ('adjectives/adj_comp' -> 'adj_comp')."""
+    return task.rsplit("/", 1)[-1]
+
+
+def display_model(model: str) -> str:
+    return Path(str(model).rstrip("/")).name or str(model)
+
+
+def pair_heatmaps(panels: dict[tuple[str, str], np.ndarray], *, title: str, label: str, shared_scale: bool = False,
+                  values: bool | None = None) -> Figure:
+    """L x L heatmaps, one panel per (model, task) (paper Figures 2, 6-11).
+
+    Cell [i][j] (i < j) is the mean over samples for the pair (i, j); the diagonal (outlined) holds the single
+    layers. Cells that were not computed are grey and hatched, so they never look like a zero. Each panel has its
+    own colour scale, centred on zero (shared_scale=True: one scale for all, and the figure says so). values: write
+    each cell's mean (default: when L <= 12).
+    """
+    models = list(dict.fromkeys(m for m, _ in panels))
+    tasks = list(dict.fromkeys(t for _, t in panels))
+    finite = [np.abs(v[np.isfinite(v)]).max() for v in panels.values() if np.isfinite(v).any()]
+    shared = (max(finite, default=1.0) or 1.0) if shared_scale else None
+    cmap = matplotlib.colormaps["RdBu_r"]
+    fig = Figure(figsize=(3.6 * len(tasks) + 0.6, 3.4 * len(models) + 0.7), layout="constrained")
+    axes = fig.subplots(len(models), len(tasks), squeeze=False)
+    image = None
+    for r, model in enumerate(models):
+        for c, task in enumerate(tasks):
+            ax = axes[r][c]
+            grid = panels.get((model, task))
+            if grid is None:
+                ax.axis("off")
+                continue
+            n = grid.shape[0]
+            vmax = shared or (float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0) or 1.0
+            ax.set_facecolor("#e0e0e0")
+            ax.add_patch(matplotlib.patches.Rectangle((-0.5, -0.5), n, n, hatch="////", fill=False, lw=0,
+                                                      edgecolor="#b0b0b0", zorder=0))
+            image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-vmax, vmax=vmax, origin="upper", zorder=1)
+            for k in range(n):
+                if np.isfinite(grid[k, k]):
+                    ax.add_patch(matplotlib.patches.Rectangle((k - 0.5, k - 0.5), 1, 1, fill=False, lw=0.8,
+                                                              edgecolor="black", zorder=2))
+            if values if values is not None else n <= 12:
+                for (i, j), v in np.ndenumerate(grid):
+                    if np.isfinite(v):
+                        ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5.5, zorder=3,
+                                color="white" if abs(v) > 0.6 * vmax else "black")
+            step = max(1, math.ceil(n / 8))
+            ax.set_xticks(range(0, n, step))
+            ax.set_yticks(range(0, n, step))
+            ax.set_title(f"{display_model(model)} · {display_task(task)}", fontsize=9)
+            ax.set_ylabel("layer i", fontsize=8)
+            ax.set_xlabel("layer j", fontsize=8)
+            if not shared:
+                fig.colorbar(image, ax=ax, shrink=0.75).ax.tick_params(labelsize=7)
+    if shared and image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=f"{label} (one scale for all panels)")
+    fig.suptitle(f"{title}\n{label}; outlined diagonal = single layers; grey hatched = not computed", fontsize=9)
+    return fig
+
+
+def layer_profile(means: dict[tuple[str, str], dict[int, float]], *, title: str, label: str) -> Figure:
+    """Single-layer patching (--layers 1): the mean per layer, one line per (model, task)."""
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for (model, task), by_layer in means.items():
+        layers = sorted(by_layer)
+        ax.plot(layers, [by_layer[k] for k in layers], marker="o", ms=3, label=f"{display_model(model)} · {display_task(task)}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="patched layer", ylabel=label, title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    return fig
+
+
+def top_sets(best: dict[tuple[str, str], list[tuple[str, float]]], *, title: str, label: str) -> Figure:
+    """Triples or explicit sets (no square picture): the best layer sets per (model, task) as horizontal bars."""
+    keys = list(best)
+    fig = Figure(figsize=(3.6 * len(keys) + 0.6, 0.28 * max(len(v) for v in best.values()) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
+        rows = best[key][::-1]
+        ax.barh(range(len(rows)), [v for _, v in rows], color=["#b2182b" if v > 0 else "#2166ac" for _, v in rows])
+        ax.set_yticks(range(len(rows)), [k for k, _ in rows], fontsize=7)
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_title(f"{display_model(key[0])} · {display_task(key[1])}", fontsize=9)
+        ax.set_xlabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ probes and LDA
+
+
+def probe_accuracy(results: dict[str, list], *, title: str = "Linear probe: task of a rephrased instruction") -> Figure:
+    """Held-out accuracy by layer, one line per model, Wilson band, chance level dashed."""
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for name, rows in results.items():
+        x = [r.layer for r in rows]
+        line = ax.plot(x, [r.accuracy for r in rows], marker="o", ms=3, label=name)[0]
+        ax.fill_between(x, [r.ci_lo for r in rows], [r.ci_hi for r in rows], color=line.get_color(), alpha=0.2)
+    chance = next(iter(results.values()))[0].chance
+    ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+    ax.set(xlabel="layer (resid_post at T_inst)", ylabel="held-out accuracy", ylim=(0, 1.02), title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def lda_scatter(results: dict[str, object], *, layer: int) -> Figure:
+    """LD1 vs LD2 per model (paper Figure 13): training points as dots, held-out points as crosses."""
+    fig = Figure(figsize=(4.2 * len(results) + 1.5, 4), layout="constrained")
+    axes = fig.subplots(1, len(results), squeeze=False)
+    tasks = list(dict.fromkeys(next(iter(results.values())).labels))
+    tab10 = matplotlib.colormaps["tab10"]
+    colors = {t: tab10(i % 10) for i, t in enumerate(tasks)}
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        for t in tasks:
+            for test, marker, size in ((False, "o", 8), (True, "x", 18)):
+                sel = (res.labels == t) & (res.is_test == test)
+                ax.scatter(res.coords[sel, 0], res.coords[sel, 1], s=size, marker=marker, color=colors[t],
+                           alpha=0.9 if test else 0.5, linewidths=0.8 if test else 0,
+                           label=display_task(t) if not test else None)
+        evr = res.explained_variance_ratio
+        ax.set(title=f"{name}, layer {layer} (LDA test acc {res.test_accuracy:.2f})",
+               xlabel=f"LD1 ({evr[0]:.0%})", ylabel=f"LD2 ({evr[1]:.0%})")
+    axes[0][-1].legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5),
+                       title="o train, x test", title_fontsize=7)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- path tracing
+
+MAX_WIDTH = 12.0
+"""Inches: a long prompt thins its tick labels instead of widening the figure."""
+
+
+def kept_per_token(mean_kept: np.ndarray, labels: Sequence[str], *, title: str, highlight: Sequence[int] = (),
+                   n_samples: int | None = None) -> Figure:
+    """Figure 4: mean kept paths per source position (symmetric-log axis, so that zero bars stay at zero and
+    stay visible as such). `labels[t]` is the token shared by every sample at t, or '' where samples differ."""
+    n = len(mean_kept)
+    fig = Figure(figsize=(min(MAX_WIDTH, max(6.0, 0.32 * n + 2)), 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(n), mean_kept, color="#7b3294")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
+    step = max(1, math.ceil(n / 48))
+    ticks = sorted(set(range(0, n, step)) | {i for i in highlight if 0 <= i < n})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{i} {labels[i]!r}" if i < len(labels) and labels[i] else str(i) for i in ticks],
+                       rotation=90, fontsize=7)
+    for label in ax.get_xticklabels():
+        if int(label.get_text().split()[0]) in set(highlight):
+            label.set_color("tab:blue")
+            label.set_fontweight("bold")
+    if highlight:
+        ax.plot([], [], ls="", marker="s", color="tab:blue", label="T_inst (last instruction token)")
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_xlabel("source token position (token shown where every sample has the same one)")
+    ax.set_ylabel("mean kept paths per sample" + (f" (n={n_samples})" if n_samples else ""))
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def head_activity(activity: np.ndarray, *, title: str, n_samples: int | None = None) -> Figure:
+    """Figure 5: [L, H] heatmap, per head, of the fraction of kept paths whose layer-l edge uses that head,
+    averaged over the samples (0..1)."""
+    L, H = activity.shape
+    fig = Figure(figsize=(min(MAX_WIDTH, max(6.0, 0.28 * H + 2.5)), 0.24 * L + 1.9), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(activity, cmap="RdPu", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, H, max(1, H // 16)))
+    ax.set_yticks(range(0, L, max(1, L // 16)))
+    fig.colorbar(im, ax=ax, label="fraction of kept paths\nthrough the head")
+    ax.set_title(title + (f"\nmean over {n_samples} samples" if n_samples else ""), fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- task inference
+
+
+def inference_scores(summary: Sequence[dict], *, title: str = "", confidence: float = 0.95) -> Figure:
+    """Figure 12: EM and IA per task (x) in two panels, one bar per model, with Wilson intervals and n."""
+    from scipy.stats import binomtest
+
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    by = {(r["model"], r["task"]): r for r in summary}
+    x = np.arange(len(tasks))
+    width = 0.8 / max(len(models), 1)
+    fig = Figure(figsize=(max(5.0, 1.6 * len(tasks) + 2.5), 6), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, label in zip(axes, ("em", "ia"), ("exact-match accuracy (%)", "instructional accuracy (%)"),
+                              strict=True):
+        for i, m in enumerate(models):
+            vals, lo, hi = [], [], []
+            for t in tasks:
+                row = by.get((m, t), {})
+                v, n = row.get(key), row.get("n")
+                if v is None or not n:
+                    vals.append(np.nan)
+                    lo.append(0.0)
+                    hi.append(0.0)
+                    continue
+                ci = binomtest(round(float(v) * n / 100), n).proportion_ci(confidence, method="wilson")
+                vals.append(float(v))
+                lo.append(float(v) - 100 * ci.low)
+                hi.append(100 * ci.high - float(v))
+            pos = x - 0.4 + width * (i + 0.5)
+            bars = ax.bar(pos, vals, width, yerr=[lo, hi], capsize=2, error_kw={"lw": 0.8},
+                          label=display_model(m))
+            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7,
+                         padding=2)
+        ax.set_ylim(0, 112)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    n_of = {t: sorted({by[(m, t)]["n"] for m in models if (m, t) in by}) for t in tasks}
+    axes[1].set_xticks(x, [f"{display_task(t)}\nn={'/'.join(map(str, n_of[t]))}" for t in tasks])
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    head = f"{title}; " if title else ""
+    axes[0].set_title(f"{head}bars: {round(100 * confidence)}% Wilson intervals; empty: not measured", fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------- IFEval
+
+STRICT_COLOR, LOOSE_COLOR = "#1f5f99", "#8fbce6"
+
+
+def ifeval_accuracy(summary: dict) -> Figure:
+    """Strict and loose accuracy side by side: overall and per category (left), per instruction id (right), each
+    bar labelled with its n."""
+    strict, loose = summary["strict"], summary["loose"]
+    left = [(f"prompt level (n={strict['prompt_level']['n']})", "prompt_level", None),
+            (f"instruction level (n={strict['instruction_level']['n']})", "instruction_level", None)]
+    left += [(f"{c} (n={v['n']})", "by_category", c) for c, v in strict["by_category"].items()]
+    right = [(f"{i.split(':')[1]} (n={v['n']})", "by_instruction", i) for i, v in strict["by_instruction"].items()]
+    # where a new category starts in the per-instruction panel (ids are sorted, so categories are contiguous)
+    categories = [i.split(":")[0] for i in strict["by_instruction"]]
+    starts = [k for k in range(len(categories)) if k == 0 or categories[k] != categories[k - 1]]
+
+    def value(mode: dict, kind: str, name: str | None) -> float:
+        entry = mode[kind] if name is None else mode[kind][name]
+        return 100 * (entry["accuracy"] or 0.0)
+
+    fig = Figure(figsize=(12, 0.28 * max(len(right), len(left)) + 1.6))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15], "wspace": 0.75})
+    for ax, items, title in ((axes[0], left, "overall and per category"), (axes[1], right, "per instruction")):
+        ys = range(len(items))
+        height = 0.38
+        s = [value(strict, k, n) for _, k, n in items]
+        lo = [value(loose, k, n) for _, k, n in items]
+        ax.barh([y - height / 2 for y in ys], s, height, color=STRICT_COLOR, label="strict")
+        ax.barh([y + height / 2 for y in ys], lo, height, color=LOOSE_COLOR, label="loose")
+        for y, a, b in zip(ys, s, lo):
+            ax.text(a + 1, y - height / 2, f"{a:.0f}", va="center", fontsize=6)
+            ax.text(b + 1, y + height / 2, f"{b:.0f}", va="center", fontsize=6)
+        ax.set_yticks(list(ys), [label for label, _, _ in items], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 108)
+        ax.set_xlabel("accuracy (%)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    for start, end in zip(starts, starts[1:] + [len(categories)]):  # a rule between categories, names outside
+        if start:
+            axes[1].axhline(start - 0.5, color="0.6", linewidth=0.6)
+        axes[1].text(110, (start + end - 1) / 2, categories[start], fontsize=7, color="0.3", ha="left",
+                     va="center", style="italic", clip_on=False)
+    axes[0].legend(fontsize=7, loc="lower right", frameon=False)
+    name = Path(str(summary.get("settings", {}).get("responses", "responses"))).name
+    fig.suptitle(f"IFEval: {name} ({summary['n_prompts']} prompts, {summary['n_instructions']} instructions)",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.17, right=0.87, top=0.92, bottom=0.45 / (0.28 * len(right) + 1.6) + 0.03)
+    return fig

@@ -1,0 +1,1 @@
+"""The shipped toy models: their training recipe and checks."""
