@@ -177,12 +177,15 @@ def test_signum_optimizer_and_schedule():
     assert cfg.lr_factor(0) == pytest.approx(1 / 11) and cfg.lr_factor(39) < 0.01
 
 
-def test_nan_loss_is_an_error():
+def test_nan_activations_and_nan_loss_are_errors():
     x, _ = synthetic(n=2048)
     x[700] = float("nan")
-    with pytest.raises(OlmoIVError, match="diverged.*lr="):
+    with pytest.raises(OlmoIVError, match="1 of 256 activation vectors in the batch of step 2 are NaN"):
         train_sae(TensorStream(x, shuffle=False), TrainConfig(d_sae=64, k=3, batch_size=256, steps=10,
                                                               b_dec_init="zeros", init_batches=1))
+    with pytest.raises(OlmoIVError, match="diverged.*lr="):  # finite data, an absurd learning rate
+        train_sae(TensorStream(synthetic(n=2048)[0] * 1e30), TrainConfig(d_sae=64, k=3, batch_size=256, steps=10,
+                                                                         lr=1e30, scale_inputs=False))
 
 
 def test_checkpoint_state_resumes_bit_identically():

@@ -190,6 +190,7 @@ def init_sae(stream: ActivationStream, cfg: TrainConfig, **meta: Any) -> SAE:
     start = stream.state()
     xs = torch.cat([stream.next_batch(cfg.batch_size) for _ in range(cfg.init_batches)]).double()
     stream.restore(start)
+    _check_finite(xs, "the first batches")
     scale = 1.0
     if cfg.scale_inputs:
         ms = float(xs.pow(2).sum(-1).mean())
@@ -274,6 +275,15 @@ def _step_losses(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> tuple[T
     return loss, fvu.detach(), fired, l0
 
 
+def _check_finite(x: Tensor, where: str) -> None:
+    """NaN or inf activations are the model's or the data's fault, not the optimiser's: say so before training
+    on them (a NaN loss would otherwise read as divergence)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(-1).sum())
+        raise OlmoIVError(f"{bad} of {x.shape[0]} activation vectors in {where} are NaN or infinite: check the "
+                          "model's weights and the hook point")
+
+
 def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState | None = None,
               progress: Progress | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
               **meta: Any) -> TrainResult:
@@ -297,6 +307,7 @@ def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState |
         for group in opt.param_groups:
             group["lr"] = base_lr * cfg.lr_factor(step)
         x = stream.next_batch(cfg.batch_size)
+        _check_finite(x, f"the batch of step {step}")
         dead = state.tokens_since_fired >= min(cfg.dead_tokens, max(state.tokens_seen, 1))
         if state.tokens_seen == 0:
             dead = torch.zeros_like(dead)
