@@ -71,3 +71,44 @@ def generate(
     for r in rows[:5]:
         con.print(f"[bold]{escape(r['prompt'][:60])}[/] → {escape(r['text'][:100])!r}")
     con.print(f"files: {escape(str(out))}/ (generations.jsonl, summary.json)")
+
+
+@steer_app.command("format")
+def format_(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
+    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
+    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    folds: int = typer.Option(2, help="Vectors for a row come from the other folds of its instruction."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(0, help="Seed of the folds."),
+    out: Path = out_option("runs/steer-format"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's format experiment: no instruction, no instruction + steering, instruction, instruction + steering,
+    per instruction type, judged by the IFEval checkers (strict and loose)."""
+    from olmo_iv.runs.steer import FormatSettings, run_format
+
+    con = console()
+    settings = FormatSettings(model=model, data=None if data is None else str(data),
+                              layers=[int(x) for x in layers.split(",")] if layers else None, mode=mode, coef=coef,
+                              folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
+                              batch_size=batch_size, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_format(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    from rich.table import Table
+
+    table = Table(title="IFEval strict accuracy (%) by condition")
+    table.add_column("instruction")
+    conds = list(summary["overall"])
+    for c in conds:
+        table.add_column(c.replace("_", " "), justify="right")
+    for iid, e in [*summary["by_instruction"].items(), ("overall", summary["overall"])]:
+        table.add_row(iid, *(f"{100 * e[c]['strict']:.0f} (n={e[c]['n']})" for c in conds))
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, conditions.png/.pdf, layers.png/.pdf)")

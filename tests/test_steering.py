@@ -152,3 +152,29 @@ def test_cli_forms(tmp_path):
     assert [r["ids"] for r in rows] == want and rows[0]["text"] == model.tokenizer.decode(want[0])
     with pytest.raises(OlmoIVError, match="layer=9"):
         generate_steered(model, [[1, 2]], [vecs.spec(9)], max_new_tokens=2)
+
+
+def test_format_experiment_runs_and_resumes(tmp_path):
+    from olmo_iv.runs.steer import FormatSettings, run_format
+
+    rows = [{"key": k, "prompt": f"Adjective: {w}. Answer in lowercase letters.", "prompt_without_instruction":
+             f"Adjective: {w}.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
+            for k, w in enumerate(("big", "cold", "fast", "hot"))]
+    rows += [{"key": 10 + k, "prompt": f"Animal: {w}. Wrap your answer in double quotes.",
+              "prompt_without_instruction": f"Animal: {w}.", "instruction_id_list": ["startend:quotation"],
+              "kwargs": [{}]} for k, w in enumerate(("crow", "bear"))]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = FormatSettings(model="toy", data=str(data), layers=[1, 3], max_new_tokens=6)
+    summary = run_format(s, tmp_path / "f")
+    assert set(summary["by_instruction"]) == {"change_case:english_lowercase", "startend:quotation"}
+    assert summary["overall"]["instruction"]["n"] == 6
+    import csv
+
+    with open(tmp_path / "f" / "results.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 6 * 4 and {r["condition"] for r in got} == {"no_instruction", "no_instruction+steer",
+                                                                  "instruction", "instruction+steer"}
+    assert (tmp_path / "f" / "conditions.png").exists() and (tmp_path / "f" / "layers.csv").exists()
+    with pytest.raises(OlmoIVError, match="finished"):
+        run_format(s, tmp_path / "f")

@@ -151,3 +151,177 @@ def run_generate(settings: GenerateSettings, out: str | Path, *, overwrite: bool
                                       "vectors": vecs.meta, "versions": versions(), "n": len(rows)})
     store.finish()
     return rows
+
+
+# ------------------------------------------------------------------------------------------ the format experiment
+
+FORMAT_DATA = Path(__file__).resolve().parents[1] / "data" / "llm_steer_instruct" / "ifeval_single_instr_format.jsonl"
+CONDITIONS = ("no_instruction", "no_instruction+steer", "instruction", "instruction+steer")
+
+
+@dataclass
+class FormatRow:
+    key: int
+    prompt: str
+    """The user message with its instruction."""
+    without: str
+    """The same message without it."""
+    instruction_id: str
+    kwargs: dict
+
+
+def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
+    """Single-instruction rows: key, prompt, prompt_without_instruction, instruction_id_list (one id), kwargs."""
+    from olmo_iv.evals.ifeval import validate_kwargs
+
+    out = []
+    for number, row in read_jsonl(path or FORMAT_DATA, "data"):
+        try:
+            ids, kwargs = row["instruction_id_list"], row["kwargs"]
+            if len(ids) != 1:
+                raise OlmoIVError(f"data= line {number}: the format experiment takes one instruction per row")
+            out.append(FormatRow(int(row["key"]), row["prompt"], row["prompt_without_instruction"], ids[0],
+                                 validate_kwargs(ids[0], {k: v for k, v in kwargs[0].items() if v is not None})))
+        except (KeyError, TypeError, IndexError, ValueError) as err:
+            raise OlmoIVError(f"data= line {number}: expected key, prompt, prompt_without_instruction, "
+                              f"instruction_id_list and kwargs ({err})") from None
+    return out
+
+
+@dataclass
+class FormatSettings:
+    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
+
+    model: str = "toy"
+    data: str | None = None
+    """Rows as in Stolfo's format set; None: the vendored 163 single-instruction IFEval format prompts."""
+    layers: list[int] | None = None
+    """Candidate layers; per instruction and fold the best on the fold's own (vector) rows is used, or none when
+    no layer beats no steering there. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
+    mode: str = "adjust_rs"
+    coef: float = 1.0
+    folds: int = 2
+    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
+    seed: int = 0
+    max_new_tokens: int = 96
+    style: str = "auto"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        check_range("folds", self.folds, 2)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """The share of a text's word n-grams that repeat an earlier one: the degeneration filter's measure (a
+    looping response scores near 1; Stolfo used GPT-2 perplexity < 2.5, which needs a second model)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
+    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+    import random
+
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.generate import encode
+    from olmo_iv.runs import figures
+
+    rows = read_format_rows(settings.data)
+    data_sha = _file_sha(settings.data or FORMAT_DATA)
+    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha},
+                          models=[settings.model], overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    L = model.config.n_layers
+    candidates = settings.layers if settings.layers is not None else list(range(L // 5, L, 2))
+    for layer in candidates:
+        if not 0 <= layer < L:
+            raise OlmoIVError(f"layers={candidates}: this model has layers 0..{L - 1}")
+    by_id: dict[str, list[FormatRow]] = {}
+    for r in rows:
+        by_id.setdefault(r.instruction_id, []).append(r)
+    fold: dict[int, int] = {}
+    for iid, group in sorted(by_id.items()):
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        for rank, i in enumerate(order):
+            fold[group[i].key] = rank % settings.folds
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        return [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
+
+    def gens(unit: str, texts: list[str], specs: list) -> list[str]:
+        if not store.done(unit):
+            new = generate_steered(model, ids_of(texts), specs, max_new_tokens=settings.max_new_tokens,
+                                   batch_size=settings.batch_size)
+            store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
+        if progress is not None:
+            progress("generating", len(texts), None)
+        return store.read_json(unit, "texts.json")
+
+    def accuracy(group: list[FormatRow], texts: list[str]) -> tuple[float, float]:
+        scored = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                  for r, t in zip(group, texts, strict=True)]
+        return (sum(s.loose[0] for s in scored) / len(scored),
+                sum(repetition(t) > 0.5 for t in texts) / len(texts))
+
+    results, layer_rows = [], []
+    for iid, group in sorted(by_id.items()):
+        for f in range(settings.folds):
+            test = [r for r in group if fold[r.key] == f]
+            train = [r for r in group if fold[r.key] != f]
+            if not test:
+                continue
+            tag = f"{iid.replace(':', '__')}__fold{f}"
+            chosen = None
+            if train:
+                vecs = compute_vectors(model, [(r.prompt, r.without) for r in train], style=settings.style,
+                                       batch_size=settings.batch_size)
+                base_acc, base_degen = accuracy(train, gens(f"{tag}__valid_none", [r.without for r in train], []))
+                best = base_acc
+                for layer in candidates:  # the authors' selection: loose accuracy on held-out prompts, filtered
+                    spec = vecs.spec(layer, mode=settings.mode, coef=settings.coef)
+                    acc, degen = accuracy(train, gens(f"{tag}__valid_L{layer}", [r.without for r in train], [spec]))
+                    kept = acc if degen <= base_degen else 0.0
+                    layer_rows.append([iid, f, layer, acc, degen, kept])
+                    if kept > best:
+                        best, chosen = kept, spec
+            for cond in CONDITIONS:
+                texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
+                specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
+                texts = gens(f"{tag}__{cond.replace('+', '_')}", texts_in, specs)
+                for r, t in zip(test, texts, strict=True):
+                    s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                    results.append([r.key, iid, f, chosen.layer if chosen is not None else -1, cond,
+                                    int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
+    header = ["key", "instruction_id", "fold", "layer", "condition", "strict", "loose", "repetition", "response"]
+    store.write_csv("results.csv", header, results)
+    store.write_csv("layers.csv", ["instruction_id", "fold", "layer", "loose", "degenerate_share", "kept_loose"],
+                    layer_rows)
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
+               "candidates": candidates, "by_instruction": {}, "overall": {}}
+    for iid in [*sorted(by_id), None]:
+        sel = [r for r in results if iid is None or r[1] == iid]
+        entry = {c: {"n": sum(r[4] == c for r in sel),
+                     "strict": sum(r[5] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel)),
+                     "loose": sum(r[6] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel))}
+                 for c in CONDITIONS}
+        if iid is None:
+            summary["overall"] = entry
+        else:
+            summary["by_instruction"][iid] = entry
+    store.write_json("summary.json", summary)
+    store.save_figure("conditions", figures.steering_conditions(summary, metric="strict"))
+    if layer_rows:
+        store.save_figure("layers", figures.layer_sweep(layer_rows))
+    store.finish()
+    return summary
