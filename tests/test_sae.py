@@ -280,6 +280,8 @@ def test_text_sources(tmp_path):
     assert list(read_texts(tmp_path / "b.jsonl")) == ["json doc", "p doc"]
     assert list(read_texts(tmp_path)) == ["first doc\nstill first", "second doc", "json doc", "p doc"]
     assert next(read_texts("tasks")).startswith("Given")
+    ifeval = list(read_texts("ifeval"))
+    assert len(ifeval) == 541 and all(isinstance(t, str) and t for t in ifeval)
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(OlmoIVError, match="text_field="):
         list(read_texts(tmp_path / "c.jsonl"))

@@ -50,6 +50,17 @@ def _task_texts(arg: str) -> Iterator[str]:
 register_text_source("tasks", _task_texts)
 
 
+def _ifeval_texts(arg: str) -> Iterator[str]:
+    """The vendored IFEval prompts (olmo_iv/data/ifeval/input_data.jsonl, 541 prompts), as plain text."""
+    path = Path(__file__).resolve().parents[1] / "data" / "ifeval" / "input_data.jsonl"
+    if not path.exists():
+        raise OlmoIVError(f"source='ifeval': the vendored prompts are missing ({path})")
+    yield from read_texts(path, text_field="prompt")
+
+
+register_text_source("ifeval", _ifeval_texts)
+
+
 def _hub_texts(repo_id: str) -> Iterator[str]:
     """A hub dataset's .txt/.jsonl files, downloaded through huggingface_hub (needs a network or the cache)."""
     from huggingface_hub import snapshot_download
@@ -73,7 +84,8 @@ register_text_source("hub", _hub_texts)
 def read_texts(source: str | os.PathLike, *, text_field: str | None = None) -> Iterator[str]:
     """Documents from a source: a .txt file (documents separated by blank lines), a .jsonl file (one object per
     line; `text_field`, else the first of text/prompt/content), a folder of those (sorted, recursive),
-    "tasks" / "tasks:NAME" (the vendored task prompts), "hub:owner/name", or a registered source name."""
+    "tasks" / "tasks:NAME" (the vendored task prompts), "ifeval" (the vendored IFEval prompts), "hub:owner/name",
+    or a registered source name."""
     src = str(source)
     name, _, arg = src.partition(":")
     if name in _SOURCES and not Path(src).exists():
