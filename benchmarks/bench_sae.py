@@ -14,7 +14,9 @@ at one torch thread:
   model and a dataset. On CPU its eager decoder is used (its Triton one needs a GPU).
 
 Each worker warms up for 2 steps, then times `--steps` steps; tokens/s = steps x batch / time. Peak memory is the
-process's peak RSS above the RSS before the timed steps (benchmarks/common.PeakMemory).
+process's peak RSS above the RSS before the timed steps (benchmarks/common.PeakMemory). The FVU printed is the
+last step's (SAELens: on the next batch), a sanity check that each side trains, not a quality comparison: the
+sides start from different initialisations.
 
     python benchmarks/bench_sae.py                      # CPU, 1 thread, writes benchmarks/results/sae-cpu-1t.json
 """
@@ -70,7 +72,7 @@ def worker_olmo_iv(spec: dict) -> dict:
     acts = _acts(spec)
     steps = spec["steps"]
     cfg = TrainConfig(expansion=EXPANSION, k=K, batch_size=BATCH, steps=2, lr=LR, auxk_alpha=AUXK_ALPHA,
-                      dead_tokens=4 * BATCH, log_every=1000, init_batches=1)
+                      dead_tokens=4 * BATCH, log_every=1, init_batches=1)  # the last report = the last step
     stream = TensorStream(acts)
     state = new_state(stream, cfg)
     train_sae(stream, cfg, state=state)  # warm-up
@@ -221,7 +223,7 @@ def main() -> None:
             r["tokens_per_s"] = args.steps * BATCH / r["seconds"]
             train[side] = r
             print(f"train {side:9s}: {r['tokens_per_s']:9.0f} tokens/s  peak {fmt_bytes(r['peak_bytes'])}  "
-                  f"(FVU after {args.steps + 2} steps {r['fvu']:.3f})")
+                  f"(FVU at step {args.steps + 2}: {r['fvu']:.3f})")
     ratios = {f"olmo_iv_over_{s}": train["olmo_iv"]["tokens_per_s"] / train[s]["tokens_per_s"]
               for s in train if s != "olmo_iv" and "olmo_iv" in train}
     print("ratios:", {k: round(v, 2) for k, v in ratios.items()})
