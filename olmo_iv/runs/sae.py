@@ -72,6 +72,7 @@ class SAETrainSettings:
     dtype: str = "float32"
     """Model dtype while harvesting."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The SAE and optimiser settings (olmo_iv.sae.train.TrainConfig)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
-from olmo_iv.sae.arch import SAE, SAEConfig
+from olmo_iv.sae.arch import SAE, GatheredEncode, SAEConfig
 from olmo_iv.sae.data import ActivationStream
 
 Progress = Callable[[int, "int | None", dict], None]
@@ -267,8 +267,6 @@ def _step_losses(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> tuple[T
         with torch.no_grad():
             aux_vals, aux_idx = pre.masked_fill(~dead, -1.0).topk(k_aux, dim=-1, sorted=False)
             aux_vals.clamp_min_(0)
-        from olmo_iv.sae.arch import GatheredEncode
-
         aux_vals = GatheredEncode.apply(aux_vals, xin, sae.W_enc, sae.b_enc, aux_idx)
         e_hat = sae.decode_sparse(aux_vals, aux_idx, bias=False)
         loss = loss + cfg.auxk_alpha * weight * (e_hat - e.detach()).pow(2).sum() / total_var
