@@ -53,6 +53,7 @@ def generate(
     batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
     seed: int = typer.Option(None, help="Sample with this seed instead of greedy decoding."),
     temperature: float = typer.Option(1.0, help="With --seed: softmax temperature."),
+    also: list[str] = typer.Option(None, help="Compose another vector: VECTORS_DIR:LAYER:MODE:COEF (repeatable)."),
     out: Path = out_option("runs/steer-generate"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -65,7 +66,7 @@ def generate(
     settings = GenerateSettings(model=model, vectors=str(vectors), prompts=str(prompts), layer=layer, mode=mode,
                                 coef=coef, positions=positions, decay=decay, max_new_tokens=max_new_tokens,
                                 style=style, batch_size=batch_size, seed=seed, temperature=temperature,
-                                device=device, dtype=dtype)
+                                also=also or [], device=device, dtype=dtype)
     with progress_bar(con) as bar:
         rows = run_generate(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     for r in rows[:5]:
@@ -112,3 +113,32 @@ def format_(
         table.add_row(iid, *(f"{100 * e[c]['strict']:.0f} (n={e[c]['n']})" for c in conds))
     con.print(table)
     con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, conditions.png/.pdf, layers.png/.pdf)")
+
+
+@steer_app.command("keywords")
+def keywords(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    task: str = typer.Option("include", help="include (keywords:existence) or exclude (keywords:forbidden_words, the inclusion vector subtracted)."),
+    layer: int = typer.Option(None, help="Steered layer (default: two thirds of the way up)."),
+    coef: float = typer.Option(40.0, help="Multiple of u added (subtracted for exclude); Stolfo: 40 include, 150 exclude."),
+    n_pairs: int = typer.Option(20, help="Validation questions per word vector."),
+    limit: int = typer.Option(None, help="Only the first N test prompts."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    out: Path = out_option("runs/steer-keywords"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's word experiments: a vector per word, added (inclusion) or subtracted (exclusion) with no instruction
+    in the prompt; strict IFEval accuracy with and without steering."""
+    from olmo_iv.runs.steer import KeywordSettings, run_keywords
+
+    con = console()
+    settings = KeywordSettings(model=model, task=task, layer=layer, coef=coef, n_pairs=n_pairs, limit=limit,
+                               max_new_tokens=max_new_tokens, style=style, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_keywords(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    con.print(f"{task}, layer {summary['layer']}, n={summary['n']}: strict accuracy without steering "
+              f"{100 * summary['strict']['no_instruction']:.1f}%, with {100 * summary['strict']['no_instruction+steer']:.1f}%")
+    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")

@@ -152,6 +152,15 @@ def test_cli_forms(tmp_path):
     assert [r["ids"] for r in rows] == want and rows[0]["text"] == model.tokenizer.decode(want[0])
     with pytest.raises(OlmoIVError, match="layer=9"):
         generate_steered(model, [[1, 2]], [vecs.spec(9)], max_new_tokens=2)
+    # composition: a second vector at another layer, both active at once
+    r = CliRunner().invoke(app, ["steer", "generate", "--model", "toy", "--vectors", str(tmp_path / "v"), "--layer",
+                                 "2", "--mode", "adjust_rs", "--prompts", str(prompts), "--max-new-tokens", "5",
+                                 "--also", f"{tmp_path / 'v'}:4:add:3", "--out", str(tmp_path / "g2")])
+    assert r.exit_code == 0, r.output
+    both = [json.loads(x)["ids"] for x in (tmp_path / "g2" / "generations.jsonl").read_text().splitlines()]
+    want = generate_steered(model, [encode(model.tokenizer, p) for p in ("Adjective: hot.", "Adjective: small.")],
+                            [spec, vecs.spec(4, mode="add", coef=3.0)], max_new_tokens=5)
+    assert both == want
 
 
 def test_format_experiment_runs_and_resumes(tmp_path):
@@ -178,3 +187,13 @@ def test_format_experiment_runs_and_resumes(tmp_path):
     assert (tmp_path / "f" / "conditions.png").exists() and (tmp_path / "f" / "layers.csv").exists()
     with pytest.raises(OlmoIVError, match="finished"):
         run_format(s, tmp_path / "f")
+
+
+@pytest.mark.parametrize("task", ["include", "exclude"])
+def test_keyword_experiments_run(tmp_path, task):
+    from olmo_iv.runs.steer import KeywordSettings, run_keywords
+
+    summary = run_keywords(KeywordSettings(model="toy", task=task, limit=2, n_pairs=2, max_new_tokens=4, coef=5.0),
+                           tmp_path / task)
+    assert summary["n"] == 2 and set(summary["strict"]) == {"no_instruction", "no_instruction+steer"}
+    assert (tmp_path / task / "results.csv").exists()

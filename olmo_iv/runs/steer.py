@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +104,9 @@ class GenerateSettings:
     seed: int | None = None
     """Sample with this seed instead of greedy decoding."""
     temperature: float = 1.0
+    also: list[str] = field(default_factory=list)
+    """More specs acting at the same time, each 'VECTORS_DIR:LAYER:MODE:COEF' (e.g. a format vector and a
+    conciseness vector, composed as Stolfo et al. compose them)."""
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -112,6 +115,17 @@ class GenerateSettings:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
         check_range("max_new_tokens", self.max_new_tokens, 1)
         check_range("batch_size", self.batch_size, 1)
+        for text in self.also:
+            _parse_also(text)
+
+
+def _parse_also(text: str) -> tuple[str, int, str, float]:
+    parts = text.rsplit(":", 3)
+    try:
+        folder, layer, mode, coef = parts
+        return folder, int(layer), mode, float(coef)
+    except ValueError:
+        raise OlmoIVError(f"also={text!r}: write VECTORS_DIR:LAYER:MODE:COEF, e.g. runs/len:12:add:20") from None
 
 
 def run_generate(settings: GenerateSettings, out: str | Path, *, overwrite: bool = False,
@@ -121,8 +135,11 @@ def run_generate(settings: GenerateSettings, out: str | Path, *, overwrite: bool
 
     prompts = read_prompts(settings.prompts)
     vecs = SteeringVectors.load(settings.vectors)
-    spec = vecs.spec(settings.layer, mode=settings.mode, coef=settings.coef, positions=settings.positions,
-                     decay=settings.decay)
+    specs = [vecs.spec(settings.layer, mode=settings.mode, coef=settings.coef, positions=settings.positions,
+                       decay=settings.decay)]
+    for text in settings.also:
+        folder, layer, mode, coef = _parse_also(text)
+        specs.append(SteeringVectors.load(folder).spec(layer, mode=mode, coef=coef, positions=settings.positions))
     store = RunStore.open(out, "steered-generation",
                           {**asdict(settings), "prompts_sha256": _file_sha(settings.prompts),
                            "vectors_sha256": _file_sha(Path(settings.vectors) / "vectors.safetensors")},
@@ -137,7 +154,7 @@ def run_generate(settings: GenerateSettings, out: str | Path, *, overwrite: bool
                 if model.tokenizer is None:
                     raise OlmoIVError(f"model {settings.model!r} has no tokenizer.json: generation needs one")
             ids = [encode(model.tokenizer, format_prompt(model, p, style=settings.style)) for p in chunk]
-            new = generate_steered(model, ids, [spec], max_new_tokens=settings.max_new_tokens,
+            new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens,
                                    batch_size=settings.batch_size, seed=settings.seed,
                                    temperature=settings.temperature)
             texts = [model.tokenizer.decode(g) for g in new]
@@ -323,5 +340,89 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
     store.save_figure("conditions", figures.steering_conditions(summary, metric="strict"))
     if layer_rows:
         store.save_figure("layers", figures.layer_sweep(layer_rows))
+    store.finish()
+    return summary
+
+
+# ----------------------------------------------------------------------------------- word inclusion and exclusion
+
+KEYWORD_DATA = FORMAT_DATA.parent
+KEYWORD_INSTRUCTION = 'Make sure that the word "{word}" is included in the output.'
+
+
+@dataclass
+class KeywordSettings:
+    """Stolfo's word experiments: a vector per word from (question + inclusion instruction, question) pairs;
+    inclusion steers with +coef, exclusion with the inclusion vector at -coef; no instruction in the prompts."""
+
+    model: str = "toy"
+    task: str = "include"
+    """include (keywords:existence, 86 prompts) or exclude (keywords:forbidden_words, 117 prompts)."""
+    layer: int | None = None
+    """Steered layer; None: two thirds of the way up."""
+    coef: float = 40.0
+    """The multiple of u added (subtracted for exclusion)."""
+    n_pairs: int = 20
+    """Validation questions per word vector."""
+    limit: int | None = None
+    """Only the first N test prompts."""
+    max_new_tokens: int = 96
+    style: str = "auto"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.task not in ("include", "exclude"):
+            raise OlmoIVError(f"task={self.task!r}: use include or exclude")
+        check_range("coef", self.coef)
+        check_range("n_pairs", self.n_pairs, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            check_range("limit", self.limit, 1)
+
+
+def run_keywords(settings: KeywordSettings, out: str | Path, *, overwrite: bool = False,
+                 progress: ProgressFn | None = None) -> dict:
+    """No instruction vs no instruction + steering, per prompt, judged strictly by the IFEval checker."""
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.generate import encode
+
+    path = KEYWORD_DATA / f"ifeval_single_keyword_{settings.task}.jsonl"
+    rows = read_format_rows(path)[: settings.limit]
+    questions = [r["question"] for _, r in read_jsonl(KEYWORD_DATA / "inclusion_validation.jsonl", "data")]
+    store = RunStore.open(out, f"steer-keywords-{settings.task}", asdict(settings), models=[settings.model],
+                          overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    layer = settings.layer if settings.layer is not None else (2 * model.config.n_layers) // 3
+    sign = 1.0 if settings.task == "include" else -1.0
+    results = []
+    for r in rows:
+        word = r.kwargs["keywords"][0] if settings.task == "include" else r.kwargs["forbidden_words"][0]
+        unit = f"row_{r.key}"
+        if not store.done(unit):
+            pairs = [(f"{q} {KEYWORD_INSTRUCTION.format(word=word)}", q) for q in questions[: settings.n_pairs]]
+            vecs = compute_vectors(model, pairs, style=settings.style, batch_size=settings.batch_size)
+            ids = [encode(model.tokenizer, format_prompt(model, r.without, style=settings.style))]
+            texts = {}
+            for cond, specs in (("no_instruction", []),
+                                ("no_instruction+steer", [vecs.spec(layer, mode="add", coef=sign * settings.coef)])):
+                new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens)
+                texts[cond] = model.tokenizer.decode(new[0])
+            store.complete(unit, {"texts.json": texts})
+        texts = store.read_json(unit, "texts.json")
+        for cond, text in texts.items():
+            s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), text)
+            results.append([r.key, word, cond, int(s.strict[0]), int(s.loose[0]), round(repetition(text), 4), text])
+        if progress is not None:
+            progress(settings.task, 1, len(rows))
+    store.write_csv("results.csv", ["key", "word", "condition", "strict", "loose", "repetition", "response"], results)
+    summary = {"settings": asdict(settings), "layer": layer, "checkpoints": store.checkpoints, "versions": versions(),
+               "n": len(rows),
+               "strict": {c: sum(x[3] for x in results if x[2] == c) / len(rows)
+                          for c in ("no_instruction", "no_instruction+steer")}}
+    store.write_json("summary.json", summary)
     store.finish()
     return summary
