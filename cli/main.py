@@ -14,6 +14,7 @@ from olmo_iv.cli import (  # noqa: F401  (registers the commands)
     patch,
     paths,
     probe,
+    sae,
     stats,
     steer,
     tasks,

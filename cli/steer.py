@@ -76,7 +76,7 @@ def generate(
 
 @steer_app.command("format")
 def format_(
-    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    model: str = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set)."),
     data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
     layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
     mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),

@@ -187,6 +187,30 @@ class FormatRow:
     kwargs: dict
 
 
+def toy_steer_rows(per_type: int = 20, lang: str = "en", placement: str = "post") -> list[FormatRow]:
+    """The steering toy's format set: held-out contents with held-out phrasings (never trained on), per instruction
+    type of the toy, in Stolfo's row format; the shipped checkpoint's settings, so the split is the one it kept."""
+    import random
+
+    from olmo_iv.loading import BUILTIN
+    from olmo_iv.toy import steer as T
+
+    cfg = T.SteerConfig(**json.loads((BUILTIN["toy-steer"] / "training.json").read_text())["config"])
+    split = T.split_phrasings(cfg)
+    rng = random.Random(f"{cfg.seed}/stolfo-format")
+    rows = []
+    for t, itype in enumerate(T.D.TYPES):
+        held = split.heldout[(itype, lang)]
+        for i in range(per_type):
+            kw = rng.choice(T.D.KEYWORDS)
+            content = T.sample_content(rng, cfg, heldout=True)
+            _, kwargs = T.transform(itype, content, kw)
+            instruction = T.fill(held[i % len(held)], kw)
+            rows.append(FormatRow(1000 * t + i, T.message(content, instruction, placement), content.text, itype,
+                                  kwargs or {}))
+    return rows
+
+
 def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
     """Single-instruction rows: key, prompt, prompt_without_instruction, instruction_id_list (one id), kwargs."""
     from olmo_iv.evals.ifeval import validate_kwargs
@@ -209,9 +233,10 @@ def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
 class FormatSettings:
     """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
 
-    model: str = "toy"
+    model: str = "toy-steer"
     data: str | None = None
-    """Rows as in Stolfo's format set; None: the vendored 163 single-instruction IFEval format prompts."""
+    """Rows as in Stolfo's format set; None: for toy-steer its held-out format set (`toy_steer_rows`), for any other
+    model the vendored 163 single-instruction IFEval format prompts."""
     layers: list[int] | None = None
     """Candidate layers; per instruction and fold the best on the fold's own (vector) rows is used, or none when
     no layer beats no steering there. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
@@ -253,8 +278,12 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
     from olmo_iv.generate import encode
     from olmo_iv.runs import figures
 
-    rows = read_format_rows(settings.data)
-    data_sha = _file_sha(settings.data or FORMAT_DATA)
+    if settings.data is None and settings.model == "toy-steer":
+        rows = toy_steer_rows()
+        data_sha = hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()
+    else:
+        rows = read_format_rows(settings.data)
+        data_sha = _file_sha(settings.data or FORMAT_DATA)
     store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha},
                           models=[settings.model], overwrite=overwrite)
     model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)

@@ -1,0 +1,80 @@
+"""Looking at one latent: the contexts where it fires most, and the tokens its decoder direction promotes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from olmo_iv.errors import OlmoIVError
+from olmo_iv.sae.arch import SAE
+from olmo_iv.sae.data import hook_layer, special_ids
+
+
+def _check_latent(sae: SAE, latent: int) -> None:
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise OlmoIVError(f"latent={latent} is out of range 0..{sae.cfg.d_sae - 1}")
+
+
+@torch.no_grad()
+def logit_lens(model: Any, sae: SAE, latent: int, *, k: int = 10) -> dict[str, list[tuple[int, float]]]:
+    """The tokens whose logits the latent's decoder row raises and lowers most: W_dec[latent] through the final
+    norm's weight and the unembedding (the per-token RMS scale only rescales all logits alike)."""
+    _check_latent(sae, latent)
+    if k < 1:
+        raise OlmoIVError(f"k={k} must be >= 1")
+    norm = model.ln_final
+    weight = norm.weight if isinstance(norm, torch.nn.Module) else norm  # a module or a bare parameter
+    direction = sae.W_dec[latent].float() * weight.float()
+    logits = model.lm_head.weight.float() @ direction
+    top, bottom = logits.topk(k), (-logits).topk(k)
+    return {"top": list(zip(top.indices.tolist(), top.values.tolist())),
+            "bottom": list(zip(bottom.indices.tolist(), (-bottom.values).tolist()))}
+
+
+@torch.no_grad()
+def top_contexts(model: Any, sae: SAE, windows: Sequence[Sequence[int]], latent: int, *, k: int = 10,
+                 context: int = 8, exclude: Sequence[int] | None = None, batch_size: int = 16) -> list[dict[str, Any]]:
+    """The k token positions of `windows` where `latent` is largest: value, window, position, and the ids of
+    up to `context` tokens before it (and the token itself)."""
+    _check_latent(sae, latent)
+    name = sae.cfg.hook_name
+    if not name:
+        raise OlmoIVError("the SAE records no hook point (cfg.hook_name)")
+    layer = hook_layer(name)
+    excl = torch.tensor(sorted(special_ids(getattr(model, "tokenizer", None), model.config) if exclude is None
+                               else exclude), dtype=torch.long)
+    best: list[tuple[float, int, int]] = []
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        width = max(len(w) for w in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        valid = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for r, w in enumerate(chunk):
+            ids[r, :len(w)] = torch.tensor(list(w))
+            valid[r, :len(w)] = True
+        _, cache = model.run_with_cache(ids, [name], stop_at_layer=0 if layer is None else layer + 1)
+        acts = sae.encode(cache[name])[..., latent]
+        if excl.numel():
+            valid &= ~torch.isin(ids, excl)
+        acts = acts.masked_fill(~valid, float("-inf"))
+        vals, flat = acts.flatten().topk(min(k, acts.numel()))
+        for v, f in zip(vals.tolist(), flat.tolist()):
+            if v > float("-inf"):
+                best.append((v, i + f // width, f % width))
+        best = sorted(best, key=lambda t: -t[0])[:k]
+    out = []
+    for v, w, p in best:
+        window = list(windows[w])
+        out.append({"value": v, "window": w, "position": p, "token": window[p],
+                    "context": window[max(0, p - context):p + 1]})
+    return out
+
+
+def decode_ids(tokenizer: Any, ids: Sequence[int]) -> str:
+    if tokenizer is None:
+        return " ".join(map(str, ids))
+    return tokenizer.decode(list(ids))
+
+
