@@ -351,8 +351,8 @@ def steering_conditions(summary: dict, *, metric: str = "strict", confidence: fl
                   fontsize=7, rotation=45, ha="right")
     ax.set_ylabel(f"{metric} accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncols=2)
-    ax.set_title(f"Format steering: IFEval {metric} accuracy, {round(100 * confidence)}% Wilson intervals", fontsize=9)
+    ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(f"Format steering: IFEval {metric} accuracy, {round(100 * confidence)}% Wilson intervals", fontsize=9)
     return fig
 
 
