@@ -61,13 +61,19 @@ def progress_bar(console: Console, unit: str = "", transient: bool = True) -> Pr
                     disable=not console.is_terminal)
 
 
+INFO_SHOWN = {"fvu": "FVU", "l0": "L0", "dead": "dead"}
+"""Running figures a bar shows when the library reports them."""
+
+
 def bar_callback(bar: Progress):
     """The library's progress callback (olmo_iv.progress.ProgressFn), drawn as one rich bar per label."""
     tasks: dict[str, int] = {}
 
-    def progress(label: str, advance: int, total: int | None) -> None:
+    def progress(label: str, advance: int, total: int | None, info: dict | None = None) -> None:
         if label not in tasks:
             tasks[label] = bar.add_task(label, total=total or None)
-        bar.update(tasks[label], advance=advance)
+        shown = {k: v for k, v in (info or {}).items() if k in INFO_SHOWN}
+        text = "  ".join(f"{INFO_SHOWN[k]} {v:.3g}" for k, v in shown.items())
+        bar.update(tasks[label], advance=advance, description=f"{label}  {text}" if text else label)
 
     return progress

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import OVERWRITE, app, out_option, progress_bar
+from olmo_iv.cli.app import OVERWRITE, app, bar_callback, out_option, progress_bar
 from olmo_iv.cli.app import console as _console
 from rich.console import Console
 from rich.table import Table
@@ -97,13 +97,7 @@ def train(
                                     windows_per_buffer=windows_per_buffer, model_batch=model_batch, cache_dir=cache_dir,
                                     train=tc)
         with progress_bar(console) as bar:
-            task = bar.add_task("training", total=steps)
-
-            def progress(done: int, total: int | None, info: dict) -> None:
-                bar.update(task, completed=done, description=f"training  FVU {info['fvu']:.3f}  L0 {info['l0']:.1f}  "
-                                                             f"dead {100 * info['dead']:.1f}%")
-
-            run = train_run(settings, out, overwrite=overwrite, progress=progress)
+            run = train_run(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     _print_metrics(console, run.get("metrics", {}))
     console.print(f"[green]wrote[/] {out}/sae (SAELens format), {out}/metrics.json, {out}/history.json, {out}/summary.json")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save, save_file
 
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import atomic_write
+from olmo_iv.progress import ProgressFn
 from olmo_iv.runs.store import RunStore
 from olmo_iv.sae.data import (
     MemoryCache,
@@ -40,7 +40,6 @@ from olmo_iv.sae.data import (
 )
 from olmo_iv.sae.train import TrainConfig, TrainState, state_from_files, state_to_files, train_sae
 
-Progress = Callable[[int, "int | None", dict], None]
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_UNIT = "checkpoint-{:09d}"
 
@@ -140,7 +139,7 @@ def _windows(settings: SAETrainSettings, model) -> list[list[int]]:
 
 
 def train_run(settings: SAETrainSettings, out: str | Path, *, overwrite: bool = False,
-              progress: Progress | None = None, harvest_progress: Progress | None = None) -> dict[str, Any]:
+              progress: ProgressFn | None = None, harvest_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train an SAE and write the run folder `out`. Run again on the same folder, it continues from its last
     checkpoint; the final weights equal those of an uninterrupted run bit for bit (on CPU, same thread count).
     A finished run raises `RunFinished` (saying where the results are) unless overwrite=True."""
@@ -206,7 +205,7 @@ def train_run(settings: SAETrainSettings, out: str | Path, *, overwrite: bool = 
 def eval_run(sae_path: str | Path, *, model: str = "toy", source: str = "tasks", out: str | Path | None = None,
              hook_name: str | None = None, context_size: int = 64, max_windows: int | None = 64,
              text_field: str | None = None, dtype: str = "float32", batch_size: int = 16,
-             overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             overwrite: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
     """FVU, L0, dead fraction and spliced CE / KL of a saved SAE on a text source; written to out/metrics.json
     (a run folder of the store) when `out` is given."""
     from olmo_iv.sae.arch import SAE

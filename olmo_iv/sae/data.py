@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
+from olmo_iv.progress import ProgressFn
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TEXT_FIELDS = ("text", "prompt", "content")
@@ -325,7 +326,7 @@ class ModelStream(_BufferedStream):
 
     def __init__(self, model: Any, windows: Sequence[Sequence[int]], hook_name: str, *, windows_per_buffer: int = 32,
                  exclude: Sequence[int] | None = None, seed: int = 0, shuffle: bool = True, model_batch: int = 16,
-                 cache: BlockCache | None = None, progress: Callable[[int, int | None, dict], None] | None = None) -> None:
+                 cache: BlockCache | None = None, progress: ProgressFn | None = None) -> None:
         super().__init__(seed, shuffle)
         if windows_per_buffer < 1:
             raise OlmoIVError(f"windows_per_buffer={windows_per_buffer} must be >= 1")
@@ -350,7 +351,7 @@ class ModelStream(_BufferedStream):
         if self.cache is not None:
             self.cache.put(local, acts)
         if self.progress is not None:
-            self.progress(local + 1, self.n_buffers, {"harvested_tokens": acts.shape[0]})
+            self.progress("harvesting", 1, self.n_buffers, {"harvested_tokens": acts.shape[0]})
         return acts
 
     def cache_key(self, fingerprint: str) -> str:

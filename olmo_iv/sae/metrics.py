@@ -3,7 +3,7 @@ SAE spliced in (CE recovered against zero ablation, KL to the clean model)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
+from olmo_iv.progress import ProgressFn
 from olmo_iv.sae.arch import SAE
 from olmo_iv.sae.data import special_ids
 from olmo_iv.sae.hooks import sae_hook
-
-Progress = Callable[[int, "int | None", dict], None]
 
 
 def fvu(x: Tensor, recon: Tensor) -> float:
@@ -55,7 +54,7 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 @torch.no_grad()
 def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, hook_name: str | None = None,
                     exclude: Sequence[int] | None = None, batch_size: int = 8,
-                    progress: Progress | None = None) -> dict[str, float]:
+                    progress: ProgressFn | None = None) -> dict[str, float]:
     """The model's next-token loss on `windows` clean, with the SAE's reconstruction spliced in at its hook,
     and with that activation zeroed. Returns ce_clean, ce_sae, ce_zero, ce_recovered = (ce_zero − ce_sae) /
     (ce_zero − ce_clean) (1 = as good as the model, 0 = as bad as deleting the activation), and kl_sae, the mean
@@ -68,7 +67,7 @@ def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, h
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     n_tok = 0
     total = (len(windows) + batch_size - 1) // batch_size
-    for b, i in enumerate(range(0, len(windows), batch_size)):
+    for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         width = max(len(w) for w in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -95,7 +94,7 @@ def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, h
         sums["kl"] += float(kl.sum())
         n_tok += int(mask[:, 1:].sum())
         if progress is not None:
-            progress(b + 1, total, {})
+            progress("evaluating", 1, total)
     if n_tok == 0:
         raise OlmoIVError("windows must hold at least one window of two or more tokens")
     ce = {k: v / n_tok for k, v in sums.items()}

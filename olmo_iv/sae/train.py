@@ -2,7 +2,7 @@
 latents, unit-norm decoder rows, and checkpoints that resume bit for bit.
 
 The library never writes folders: `train_sae` hands checkpoint states to a callback (`olmo_iv.runs.sae` writes
-them) and reports progress through `progress(done, total, info)`.
+them) and reports progress through `progress("training", advance, total, info)` (olmo_iv.progress).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
+from olmo_iv.progress import ProgressFn
 from olmo_iv.sae.arch import SAE, GatheredEncode, SAEConfig
 from olmo_iv.sae.data import ActivationStream
-
-Progress = Callable[[int, "int | None", dict], None]
 
 OPTIMIZERS = ("adam", "signum")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -283,7 +282,7 @@ def _check_finite(x: Tensor, where: str) -> None:
 
 
 def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState | None = None,
-              progress: Progress | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
+              progress: ProgressFn | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
               **meta: Any) -> TrainResult:
     """Train (or, given a checkpoint `state`, continue training) an SAE on `stream`.
 
@@ -300,6 +299,7 @@ def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState |
     base_lr = cfg.lr_for(sae.cfg.d_sae)
     window = state.window
     sae.train()
+    reported = state.step  # steps already reported (a resumed run starts its bar there)
     while state.step < cfg.steps:
         step = state.step
         for group in opt.param_groups:
@@ -336,7 +336,8 @@ def train_sae(stream: ActivationStream, cfg: TrainConfig, *, state: TrainState |
             state.history.append(info)
             window.update(fvu=0.0, l0=0.0, loss=0.0, n=0)
             if progress is not None:
-                progress(state.step, cfg.steps, info)
+                progress("training", state.step - reported, cfg.steps, info)
+                reported = state.step
         state.stream_state = stream.state()
         if on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
                 and state.step < cfg.steps:
