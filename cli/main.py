@@ -8,7 +8,7 @@ name (`device='cuda'`, `overwrite=True`) are shown as this command line's flags.
 import re
 import sys
 
-from olmo_iv.cli import eval, ifeval, patch, paths, probe, stats, tasks, train_toy  # noqa: F401  (registers the commands)
+from olmo_iv.cli import eval, ifeval, patch, paths, probe, stats, sweep, tasks, train_toy  # noqa: F401  (registers the commands)
 from olmo_iv.cli.app import app as _typer_app
 from rich.console import Console
 from rich.markup import escape
