@@ -67,23 +67,21 @@ def test_spec_expands_to_a_grid(tmp_path):
 
 
 def test_in_process_sweep_equals_the_single_command_and_resumes(tmp_path, reference_csv):
-    calls = {"n": 0}
+    run_dir = tmp_path / "sw" / "patch"
 
     def killer(label, advance, total):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # the sweep killed in the middle of a unit
+        if any(run_dir.glob("units/*/done.json")):
+            raise KeyboardInterrupt  # the sweep killed in the middle of its second unit
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(SPEC, tmp_path / "sw", progress=killer)
-    run_dir = tmp_path / "sw" / "patch-layers2"
     done = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("units/*/done.json")}
     assert 0 < len(done) < 4 and not (run_dir / "patching.csv").exists()
     summary = run_sweep(SPEC, tmp_path / "sw")  # started again: only the missing units
     assert {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("units/*/done.json")
             if p.parent.name in done} == done
     assert (run_dir / "patching.csv").read_bytes() == reference_csv
-    assert summary["executor"] == "in-process" and summary["runs"][0]["files"][0] == "patch-layers2/patching.csv"
+    assert summary["executor"] == "in-process" and summary["runs"][0]["files"][0] == "patch/patching.csv"
     assert summary["runs"][0]["verdict"][0]["task"] == TASKS[0]
     with pytest.raises(RunFinished, match="already holds this sweep run, finished"):
         run_sweep(SPEC, tmp_path / "sw")
@@ -99,9 +97,9 @@ def test_cli(tmp_path):
                     '[[run]]\ncommand = "patch"\nlayers = 1\n')
     result = CliRunner().invoke(_typer_app, ["sweep", str(spec), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert "patch-layers1 (patch)" in result.output and "can_fly: layers" in result.output
-    assert (tmp_path / "o" / "patch-layers1" / "patching.csv").exists()
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["runs"][0]["name"] == "patch-layers1"
+    assert "patch (patch)" in result.output and "can_fly: layers" in result.output
+    assert (tmp_path / "o" / "patch" / "patching.csv").exists()
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["runs"][0]["name"] == "patch"
 
 
 def test_gpu_request_follows_the_models_size():
@@ -140,7 +138,7 @@ def cluster():
 def test_ray_sweep_equals_in_process(tmp_path, cluster, reference_csv):
     summary = run_sweep(SPEC, tmp_path / "ray", options=SweepOptions(ray=cluster.address))
     assert summary["executor"].startswith("ray")
-    assert (tmp_path / "ray" / "patch-layers2" / "patching.csv").read_bytes() == reference_csv
+    assert (tmp_path / "ray" / "patch" / "patching.csv").read_bytes() == reference_csv
 
 
 def _dies_once(marker: str, out: str, settings, unit, model, progress=None):
@@ -164,9 +162,9 @@ def dying(marker: Path, run_dir: Path) -> dict:
 def test_a_worker_killed_mid_unit_is_retried(tmp_path, cluster, reference_csv):
     marker = tmp_path / "killed"
     run_sweep(SPEC, tmp_path / "f", options=SweepOptions(ray=cluster.address, max_retries=2),
-              known=dying(marker, tmp_path / "f" / "patch-layers2"))
+              known=dying(marker, tmp_path / "f" / "patch"))
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker process died
-    text = (tmp_path / "f" / "patch-layers2" / "patching.csv").read_bytes()
+    text = (tmp_path / "f" / "patch" / "patching.csv").read_bytes()
     assert text == reference_csv
     rows = list(csv.DictReader(text.decode().splitlines()))
     assert len({(r["model"], r["task"], r["sample"], r["layers"]) for r in rows}) == len(rows) == 2 * 30 * 21
@@ -174,7 +172,7 @@ def test_a_worker_killed_mid_unit_is_retried(tmp_path, cluster, reference_csv):
 
 def test_a_failed_ray_sweep_resumes_with_the_missing_units(tmp_path, cluster, reference_csv):
     marker = tmp_path / "killed"
-    run_dir = tmp_path / "r" / "patch-layers2"
+    run_dir = tmp_path / "r" / "patch"
     with pytest.raises(OlmoIVError, match=r"its worker died 1 times \(max_retries=0\)"):
         run_sweep(SPEC, tmp_path / "r", options=SweepOptions(ray=cluster.address, max_retries=0),
                   known=dying(marker, run_dir))

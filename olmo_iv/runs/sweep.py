@@ -254,9 +254,9 @@ def run_sweep(spec: dict[str, Any] | str | Path, out: str | Path, *, options: Sw
         spec = read_spec(spec)
     runs = expand(spec, known)
     address = options.ray if options.ray is not None else os.environ.get("RAY_ADDRESS") or None
-    root = RunStore.open(out, "sweep", {"runs": [{"name": r.name, "command": r.kind.name,
-                                                  "settings": asdict(r.settings)} for r in runs]},
-                         overwrite=overwrite)
+    # runs by name, so that a changed spec is refused naming the setting: runs.patch.settings.samples: 30 -> 31
+    root = RunStore.open(out, "sweep", {"runs": {r.name: {"command": r.kind.name, "settings": asdict(r.settings)}
+                                                 for r in runs}}, overwrite=overwrite)
     started = time.perf_counter()
     jobs, finished = [], {}
     for run in runs:
