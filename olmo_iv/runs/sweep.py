@@ -268,17 +268,22 @@ def run_sweep(spec: dict[str, Any] | str | Path, out: str | Path, *, options: Sw
             continue
         jobs.append(_Job(run, store, run.kind.plan(run.settings)))
     timings: dict[str, dict[str, float]] = {job.run.name: {} for job in jobs}
+    t_units = time.perf_counter()
     if address is None:
         for job in jobs:
             run_in_process(job.run.kind, job.store, job.run.settings, job.units, progress=progress,
                            timings=timings[job.run.name])
     else:
         _run_on_ray(address, jobs, options, progress, timings)
+    t_merge = time.perf_counter()
     for job in jobs:
         timings[job.run.name]["total (this invocation)"] = round(time.perf_counter() - started, 3)
         finished[job.run.name] = job.run.kind.merge(job.store, job.run.settings, job.units, timings[job.run.name])
     summary = {"runs": [], "executor": "in-process" if address is None else f"ray ({address})",
-               "timings_s": {"total (this invocation)": round(time.perf_counter() - started, 3)}}
+               "timings_s": {"units (this invocation)": round(t_merge - t_units, 3),
+                             "merge": round(time.perf_counter() - t_merge, 3),
+                             "total (this invocation)": round(time.perf_counter() - started, 3)},
+               "unit_timings_s": {name: t for name, t in timings.items()}}
     for run in runs:
         s = finished[run.name]
         entry = {"name": run.name, "command": run.kind.name, "folder": run.name,
@@ -390,8 +395,8 @@ def _run_on_ray(address: str, jobs: list[_Job], options: SweepOptions, progress:
                                   f"times (max_retries={options.max_retries}); the units done so far are kept, "
                                   f"so running the sweep again continues ({type(err).__name__})") from None
             t = timings[job.run.name]
-            if done["load_s"]:
-                t[f"load {unit.model}"] = round(done["load_s"], 3)
+            if done["load_s"]:  # summed over the workers that loaded this model
+                t[f"load {unit.model}"] = round(t.get(f"load {unit.model}", 0.0) + done["load_s"], 3)
             group = unit.group or unit.label
             t[group] = round(t.get(group, 0.0) + done["seconds"] - done["load_s"], 3)
             if progress:
