@@ -8,6 +8,7 @@ the merge), not of one command's speed. Per worker count, each round runs the wh
 
 - wall: `run_sweep` from its call to its return (actor start, units, merge);
 - units wall: the executor's part of that (summary timings "units (this invocation)");
+- units phase: from the first unit's start to the last unit's end;
 - start-up: from the call to the first unit's start (the expansion, the store, the workers' process start and
   imports): paid once per worker, not per unit;
 - scheduling overhead per unit: (time from the first unit's start to the last unit's end) x workers, minus the
@@ -17,6 +18,7 @@ the merge), not of one command's speed. Per worker count, each round runs the wh
 The merged files of every run are checked to be byte-identical.
 
     python benchmarks/bench_sweep.py                 # writes benchmarks/results/sweep-cpu.json
+    python benchmarks/bench_sweep.py --sleep 0.6 --out benchmarks/results/sweep-cpu-sleep.json
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class SpinSettings:
     """Units in the run."""
     matmuls: int = 100
     """Products per unit (the unit's size)."""
+    sleep_s: float = 0.0
+    """When > 0, each unit sleeps this long instead of multiplying: a unit that waits (as a GPU unit waits on
+    its device) needs no CPU, so this measures the machinery alone, whatever else the machine's cores are doing."""
     device: str = "cpu"
     """Where the products run."""
 
@@ -64,8 +69,11 @@ def _do(settings: SpinSettings, unit: Unit, model, progress=None) -> dict[str, s
     gen = torch.Generator().manual_seed(unit.data["k"])
     a = torch.randn(512, 512, generator=gen)
     b = torch.randn(512, 512, generator=gen) / 512**0.5
-    for _ in range(settings.matmuls):
-        a = torch.tanh(a @ b)
+    if settings.sleep_s > 0:
+        time.sleep(settings.sleep_s)
+    else:
+        for _ in range(settings.matmuls):
+            a = torch.tanh(a @ b)
     return {"row.csv": f"{unit.data['k']},{float(a.sum()):.6e}\n",
             "seconds.txt": f"{time.perf_counter() - t0:.6f} {start:.6f} {time.time():.6f}"}
 
@@ -88,6 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--units", type=int, default=16)
     p.add_argument("--matmuls", type=int, default=100, help="products of 512 x 512 per unit (the unit's size)")
+    p.add_argument("--sleep", type=float, default=0.0, help="units sleep this many seconds instead (no CPU used)")
     p.add_argument("--workers", default="1,2", help="worker counts to compare")
     p.add_argument("--rounds", type=int, default=2, help="sweeps per worker count (median reported)")
     p.add_argument("--out", type=Path, default=RESULTS / "sweep-cpu.json")
@@ -106,7 +115,7 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]),
                                        "OMP_NUM_THREADS": "1"}})
     cluster_start = time.perf_counter() - t0
-    spec = {"units": args.units, "matmuls": args.matmuls, "run": [{"command": "spin"}]}
+    spec = {"units": args.units, "matmuls": args.matmuls, "sleep_s": args.sleep, "run": [{"command": "spin"}]}
     known = {**kinds(), "spin": SPIN}
     rows, merged = [], set()
     try:
@@ -129,6 +138,7 @@ def main() -> None:
                     rows.append({"workers": workers, "round": r, "wall_s": round(wall, 3),
                                  "units_wall_s": units_wall, "merge_s": summary["timings_s"]["merge"],
                                  "startup_s": round(first_start - t_wall, 3),
+                                 "units_phase_s": round(last_end - first_start, 3),
                                  "unit_seconds_sum": round(work, 3),
                                  "unit_seconds_median": round(statistics.median(t[0] for t in times), 3),
                                  "overhead_per_unit_s": round(((last_end - first_start) * workers - work)
@@ -147,9 +157,11 @@ def main() -> None:
     if len(merged) != 1:
         sys.exit("the merged spin.csv differs between runs: not reporting")
     med = {w: statistics.median(r["wall_s"] for r in rows if r["workers"] == w) for w in {r["workers"] for r in rows}}
+    phase = {w: statistics.median(r["units_phase_s"] for r in rows if r["workers"] == w) for w in med}
     result = {"cluster_start_s": round(cluster_start, 3), "rounds": rows,
               "median_wall_s": {str(w): round(v, 3) for w, v in sorted(med.items())},
               "speedup_2_over_1": round(med[1] / med[2], 3) if 1 in med and 2 in med else None,
+              "speedup_2_over_1_units_phase": round(phase[1] / phase[2], 3) if 1 in phase and 2 in phase else None,
               "median_overhead_per_unit_s": {str(w): statistics.median(r["overhead_per_unit_s"] for r in rows
                                                                        if r["workers"] == w) for w in sorted(med)},
               "median_startup_s": {str(w): statistics.median(r["startup_s"] for r in rows if r["workers"] == w)
@@ -157,7 +169,7 @@ def main() -> None:
               "merged_identical": True}
     save_result(args.out, "sweep", vars(args) | {"out": str(args.out)}, result, "cpu")
     print(f"cluster start {cluster_start:.1f} s (excluded); median wall {result['median_wall_s']}; speedup "
-          f"{result['speedup_2_over_1']}x; overhead per unit {result['median_overhead_per_unit_s']}; "
+          f"{result['speedup_2_over_1']}x (units phase {result['speedup_2_over_1_units_phase']}x); overhead per unit {result['median_overhead_per_unit_s']}; "
           f"machine {machine('cpu').get('cpu', '')}")
 
 

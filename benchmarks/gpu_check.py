@@ -97,10 +97,10 @@ def missing_options(script: Path, options: list[str]) -> list[str]:
     return [o for o in options if o not in text]
 
 
-def run_part(part: Part, args: list[str], out: Path, limit_s: float, log: Path) -> dict:
-    """Run one part in its own process group (its benchmark's worker processes included), killed as a group at
-    `limit_s`."""
-    cmd = [sys.executable, str(find_script(part)), *args, "--out", str(out)]
+def run_part(name: str, script: Path, args: list[str], out: Path, limit_s: float, log: Path) -> dict:
+    """Run one part's script in its own process group (its benchmark's worker processes included), killed as a
+    group at `limit_s`."""
+    cmd = [sys.executable, str(script), *args, "--out", str(out)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -114,7 +114,7 @@ def run_part(part: Part, args: list[str], out: Path, limit_s: float, log: Path) 
             proc.wait()
             status = f"timed out after {limit_s:.0f} s"
     tail = log.read_text().splitlines()[-15:]
-    return {"part": part.name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
+    return {"part": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
             "command": cmd[1:], "result": str(out) if out.exists() else None, "log": str(log), "output_tail": tail}
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             if part.name == "patching-7b":
                 extra = ["--samples", str(args.samples_7b)] if not args.dry_run else []
             limit = min(args.part_limit or part.limit_s, left)
-            entry = run_part(part, (part.dry_args if args.dry_run else part.gpu_args) + extra,
+            entry = run_part(part.name, script, (part.dry_args if args.dry_run else part.gpu_args) + extra,
                              results / part.out, limit, logs / f"{part.name}.log")
         print(f"{part.name:>12}: {entry['status']}" + (f" ({entry['seconds']} s)" if "seconds" in entry else ""),
               flush=True)
