@@ -52,6 +52,7 @@ def test_spec_expands_to_a_grid(tmp_path):
                                           "trace-toy-base-adj_comp"]
         assert runs[0].settings.models == ["toy", "toy-base"] and runs[1].settings.layers == 2
         assert runs[2].settings.model == "toy" and runs[2].settings.samples == 5
+    assert expand({"models": "toy", "run": [{"command": "patch"}]})[0].settings.models == ["toy"]
     with pytest.raises(OlmoIVError, match="top-level setting 'sample' belongs to no command"):
         expand({"sample": 3, "run": [{"command": "patch"}]})
     with pytest.raises(OlmoIVError, match="command='pach' is not one of patch, paths"):
@@ -139,6 +140,12 @@ def test_ray_sweep_equals_in_process(tmp_path, cluster, reference_csv):
     summary = run_sweep(SPEC, tmp_path / "ray", options=SweepOptions(ray=cluster.address))
     assert summary["executor"].startswith("ray")
     assert (tmp_path / "ray" / "patch" / "patching.csv").read_bytes() == reference_csv
+    assert not os.environ.get("RAY_ADDRESS")  # connecting did not turn later in-process sweeps into Ray ones
+    # a request the cluster cannot meet is refused instead of waiting for ever
+    with pytest.raises(OlmoIVError, match=r"asks Ray for 1 GPU\(s\) per worker, but the cluster has 0"):
+        run_sweep({**SPEC, "device": "cuda"}, tmp_path / "gpu", options=SweepOptions(ray=cluster.address))
+    with pytest.raises(OlmoIVError, match="cpus_per_unit=3: the Ray cluster has 2 CPUs"):
+        run_sweep(SPEC, tmp_path / "cpu", options=SweepOptions(ray=cluster.address, cpus_per_unit=3))
 
 
 def _dies_once(marker: str, out: str, settings, unit, model, progress=None):

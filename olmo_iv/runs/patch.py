@@ -150,7 +150,7 @@ def plan(settings: PatchSettings) -> list[Unit]:
                 for k, start in enumerate(range(0, n, PART_SIZE)):
                     units.append(Unit(f"{slug(model_name)}__{slug(task)}__pos{slug(pos_label)}__{k:04d}", model_name,
                                       task, f"patch {model_name} {task} pos {pos_label}",
-                                      {"task": task, "pos": pos_label, "start": start, "n_samples": n}))
+                                      {"task": task, "pos": pos_label, "start": start}))
     return units
 
 

@@ -136,6 +136,9 @@ def expand(spec: dict[str, Any], known: dict[str, RunKind] | None = None) -> lis
                     single[one] = merged.pop(plural)
                 else:
                     merged.pop(plural)
+        for k, v in merged.items():
+            if isinstance(defaults.get(k), list) and not isinstance(v, list):
+                merged[k] = [v]  # `models = "toy"` means one model, not three letters
         axes = {k: v for k, v in merged.items() if isinstance(v, list) and not isinstance(defaults.get(k), list)}
         axes = {**{k: v if isinstance(v, list) else [v] for k, v in single.items()}, **axes}
         for values in product(*axes.values()) if axes else [()]:
@@ -369,6 +372,13 @@ def _run_on_ray(address: str, jobs: list[_Job], options: SweepOptions, progress:
         for key, queue in groups.items():
             model, _, dtype, device = key
             gpus = gpus_for(model, dtype, device, options)
+            # a request no node can meet would wait for ever: refuse it now
+            if gpus > resources.get("GPU", 0):
+                raise OlmoIVError(f"model {model!r} on device={device!r} asks Ray for {gpus:g} GPU(s) per worker, "
+                                  f"but the cluster has {resources.get('GPU', 0):g}")
+            if options.cpus_per_unit > resources.get("CPU", 0):
+                raise OlmoIVError(f"cpus_per_unit={options.cpus_per_unit}: the Ray cluster has "
+                                  f"{resources.get('CPU', 0):g} CPUs")
             fit = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / options.cpus_per_unit
             n = options.workers_per_model or max(1, int(fit))
             n = min(n, len(queue))
