@@ -55,7 +55,7 @@ def test_spec_expands_to_a_grid(tmp_path):
     assert expand({"models": "toy", "run": [{"command": "patch"}]})[0].settings.models == ["toy"]
     with pytest.raises(OlmoIVError, match="top-level setting 'sample' belongs to no command"):
         expand({"sample": 3, "run": [{"command": "patch"}]})
-    with pytest.raises(OlmoIVError, match="command='pach' is not one of patch, paths"):
+    with pytest.raises(OlmoIVError, match="command 'pach' is not one of patch, paths"):
         expand({"run": [{"command": "pach"}]})
     with pytest.raises(OlmoIVError, match=r"run 1 of the spec \(patch\) has no setting 'model'"):
         expand({"run": [{"command": "patch", "model": "toy"}]})

@@ -31,7 +31,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from olmo_iv.errors import OlmoIVError
+from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.progress import ProgressFn
 from olmo_iv.runs.store import RunFinished, RunStore, slug
 from olmo_iv.runs.units import RunKind, Unit, run_in_process
@@ -72,7 +72,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     """A spec file's contents: TOML (`.toml`, read with tomllib) or YAML (`.yaml`/`.yml`)."""
     path = Path(path)
     if not path.is_file():
-        raise OlmoIVError(f"spec={str(path)!r}: no such file")
+        raise OlmoIVError(f"no such spec file: {path}")
     text = path.read_text()
     if path.suffix == ".toml":
         import tomllib
@@ -80,7 +80,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise OlmoIVError(f"spec={str(path)!r} is not valid TOML: {err}") from None
+            raise OlmoIVError(f"the spec {path} is not valid TOML: {err}") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -90,11 +90,11 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise OlmoIVError(f"spec={str(path)!r} is not valid YAML: {err}") from None
+            raise OlmoIVError(f"the spec {path} is not valid YAML: {err}") from None
         if not isinstance(spec, dict):
-            raise OlmoIVError(f"spec={str(path)!r}: expected a mapping of settings with a `run` list")
+            raise OlmoIVError(f"the spec {path}: expected a mapping of settings with a `run` list")
         return spec
-    raise OlmoIVError(f"spec={str(path)!r}: give a .toml, .yaml or .yml file")
+    raise OlmoIVError(f"the spec {path}: give a .toml, .yaml or .yml file")
 
 
 def expand(spec: dict[str, Any], known: dict[str, RunKind] | None = None) -> list[SweepRun]:
@@ -120,7 +120,7 @@ def expand(spec: dict[str, Any], known: dict[str, RunKind] | None = None) -> lis
         entry = dict(entry)
         command = entry.pop("command", None)
         if command not in known:
-            raise OlmoIVError(f"run {i + 1} of the spec: command={command!r} is not one of {', '.join(sorted(known))}")
+            raise OlmoIVError(f"run {i + 1} of the spec: command {command!r} is not one of {', '.join(sorted(known))}")
         kind = known[command]
         name = entry.pop("name", None)
         defaults = _field_defaults(kind.settings_type)
@@ -184,6 +184,15 @@ class SweepOptions:
     max_retries: int = 3
     """Times a unit is run again when its worker process dies (the worker is restarted by Ray). An exception
     raised by the unit's own code is not retried: it would happen again."""
+
+    def __post_init__(self) -> None:
+        check_range("cpus_per_unit", self.cpus_per_unit, 1)
+        if self.gpus_per_unit is not None:
+            check_range("gpus_per_unit", self.gpus_per_unit, 0)
+        check_range("gpu_memory_gib", self.gpu_memory_gib, 0, low_open=True)
+        if self.workers_per_model is not None:
+            check_range("workers_per_model", self.workers_per_model, 1)
+        check_range("max_retries", self.max_retries, 0)
 
 
 @dataclass
