@@ -55,7 +55,7 @@ def test_spec_expands_to_a_grid(tmp_path):
     assert expand({"models": "toy", "run": [{"command": "patch"}]})[0].settings.models == ["toy"]
     with pytest.raises(OlmoIVError, match="top-level setting 'sample' belongs to no command"):
         expand({"sample": 3, "run": [{"command": "patch"}]})
-    with pytest.raises(OlmoIVError, match="command 'pach' is not one of patch, paths"):
+    with pytest.raises(OlmoIVError, match="command 'pach' is not one of patch, paths, probe"):
         expand({"run": [{"command": "pach"}]})
     with pytest.raises(OlmoIVError, match=r"run 1 of the spec \(patch\) has no setting 'model'"):
         expand({"run": [{"command": "patch", "model": "toy"}]})
@@ -88,6 +88,17 @@ def test_in_process_sweep_equals_the_single_command_and_resumes(tmp_path, refere
         run_sweep(SPEC, tmp_path / "sw")
     with pytest.raises(OlmoIVError, match=r"other settings .*samples: 30 -> 31"):
         run_sweep({**SPEC, "samples": 31}, tmp_path / "sw")
+
+
+def test_paths_and_probe_runs_in_a_sweep(tmp_path):
+    summary = run_sweep({"tasks": ["adjectives/adj_comp", "animals/can_fly"], "run": [
+        {"command": "paths", "models": ["toy"], "tasks": ["animals/can_fly"], "samples": 2},
+        {"command": "probe", "models": ["toy", "toy-base"]}]}, tmp_path / "sw")
+    assert [r["name"] for r in summary["runs"]] == ["paths-toy-can_fly", "probe"]
+    assert "paths-toy-can_fly/paths_per_token.csv" in summary["runs"][0]["files"]
+    assert "probe/probe.csv" in summary["runs"][1]["files"]
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "probe" / "probe.csv")))
+    assert {r["model"] for r in rows} == {"toy", "toy-base"}
 
 
 def test_cli(tmp_path):

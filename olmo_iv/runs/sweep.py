@@ -41,8 +41,9 @@ def kinds() -> dict[str, RunKind]:
     """The commands a sweep can run, by the name the spec gives them."""
     from olmo_iv.runs.patch import PATCHING
     from olmo_iv.runs.paths import PATHS
+    from olmo_iv.runs.probe import PROBE
 
-    return {k.name: k for k in (PATCHING, PATHS)}
+    return {k.name: k for k in (PATCHING, PATHS, PROBE)}
 
 
 # ------------------------------------------------------------------------------------------------- the spec
@@ -276,7 +277,7 @@ def run_sweep(spec: dict[str, Any] | str | Path, out: str | Path, *, options: Sw
             store = RunStore.open(root.path(run.name), run.kind.store_kind, asdict(run.settings),
                                   models=run.kind.models(run.settings), overwrite=overwrite)
         except RunFinished:  # merged by an earlier invocation
-            finished[run.name] = json.loads((root.path(run.name) / "summary.json").read_text())
+            finished[run.name] = json.loads((root.path(run.name) / run.kind.summary_file).read_text())
             continue
         jobs.append(_Job(run, store, run.kind.plan(run.settings)))
     timings: dict[str, dict[str, float]] = {job.run.name: {} for job in jobs}
@@ -290,7 +291,9 @@ def run_sweep(spec: dict[str, Any] | str | Path, out: str | Path, *, options: Sw
     t_merge = time.perf_counter()
     for job in jobs:
         timings[job.run.name]["total (this invocation)"] = round(time.perf_counter() - started, 3)
-        finished[job.run.name] = job.run.kind.merge(job.store, job.run.settings, job.units, timings[job.run.name])
+        job.run.kind.merge(job.store, job.run.settings, job.units, timings[job.run.name])
+        # what the run's own summary file says, as an earlier invocation would read it
+        finished[job.run.name] = json.loads(job.store.path(job.run.kind.summary_file).read_text())
     summary = {"runs": [], "executor": "in-process" if address is None else f"ray ({address})",
                "timings_s": {"units (this invocation)": round(t_merge - t_units, 3),
                              "merge": round(time.perf_counter() - t_merge, 3),

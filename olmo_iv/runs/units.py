@@ -5,7 +5,7 @@ A run kind (patching, path tracing, ...) is three functions over its settings da
     units = kind.plan(settings)                     # the independent units, in their fixed merge order
     model = kind.load(settings, unit.model, device) # once per worker per model (units are grouped by model)
     payload = kind.do(settings, unit, model, progress)   # one unit's files: {"rows.csv": text, ...}
-    summary = kind.merge(store, settings, units, timings)  # the single command's finish code
+    kind.merge(store, settings, units, timings)     # the single command's finish code
 
 The single command (`run_patching`) runs them in this process through `run_in_process`; a sweep
 (`olmo_iv.runs.sweep`) runs the same `do` in Ray workers, which write `store.complete(unit.id, payload)` into the
@@ -55,11 +55,14 @@ class RunKind:
     """(settings, model name, device) -> the loaded model; device is settings.device, or the device a Ray worker
     was given."""
     do: Callable[[Any, Unit, Any, ProgressFn | None], dict[str, Any]]
-    merge: Callable[[RunStore, Any, list[Unit], dict[str, float]], dict]
+    merge: Callable[[RunStore, Any, list[Unit], dict[str, float]], Any]
+    """(store, settings, units, timings): the merged outputs, written through the store; the run finished."""
     models: Callable[[Any], list[str]]
     """The checkpoints a run reads (fingerprinted by the store)."""
     dtype: Callable[[Any], str] = lambda settings: "float32"
     """The dtype models are loaded in: with the model's size, what a unit's GPU request is computed from."""
+    summary_file: str = "summary.json"
+    """The merged run's JSON summary (its `files` list and results), which a sweep's summary points to."""
 
 
 def run_in_process(kind: RunKind, store: RunStore, settings: Any, units: list[Unit], *,
