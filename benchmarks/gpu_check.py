@@ -52,8 +52,9 @@ class Part:
     out: str
     """Its result file name (passed as --out)."""
     needs: list[str] = field(default_factory=list)
-    """Options the script must offer (checked against its --help), else the part is skipped: a script that
-    cannot run on a GPU is not run as if it could."""
+    """Options the script must offer besides those passed (every option passed is checked against the script's
+    --help, else the part is skipped, saying which): a script that cannot run on a GPU is not run as if it
+    could, and a script whose options changed is not run with the wrong ones."""
 
 
 PARTS = [
@@ -74,8 +75,9 @@ PARTS = [
           "200", "--threads", "1"], 120, "paths-cuda.json"),
     Part("sae", "bench_sae.py", ["--device", "cuda"], ["--device", "cpu", "--steps", "1"], 45, "sae-cuda.json",
          needs=["--device", "--out", "--steps"]),
-    Part("steering", "bench_steer*.py", ["--device", "cuda"], ["--device", "cpu"], 45, "steering-cuda.json",
-         needs=["--device", "--out"]),
+    Part("steering", "bench_steer*.py", ["--device", "cuda"],
+         ["--device", "cpu", "--shape", "tiny", "--prompts", "2", "--new-tokens", "4", "--recompute-tokens", "2",
+          "--layer", "1", "--repeats", "1"], 45, "steering-cuda.json", needs=["--device", "--out"]),
 ]
 assert sum(p.limit_s for p in PARTS) <= BUDGET_S + 45  # the optional parts share the tail of the budget
 
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - time.perf_counter()
         if script is None:
             entry = {"part": part.name, "status": f"skipped: no benchmarks/{part.script}"}
-        elif missing := missing_options(script, part.needs):
+        elif missing := missing_options(script, [a for a in dict.fromkeys(
+                (part.dry_args if args.dry_run else part.gpu_args) + ["--out", *part.needs]) if a.startswith("--")]):
             entry = {"part": part.name, "status": f"skipped: {script.name} has no {', '.join(missing)} option"}
         elif left < 10:
             entry = {"part": part.name, "status": "skipped: the budget is spent"}

@@ -56,7 +56,9 @@ def progress_bar(console: Console, unit: str = "", transient: bool = True) -> Pr
     """The progress bar every long command shows: description, bar, done/total [unit], elapsed, remaining."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(unit)] if unit else []
-    return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+    # no bar when the output is a pipe or a file: it would only leave blank lines behind
+    return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient,
+                    disable=not console.is_terminal)
 
 
 def bar_callback(bar: Progress):

@@ -8,7 +8,19 @@ name (`device='cuda'`, `overwrite=True`) are shown as this command line's flags.
 import re
 import sys
 
-from olmo_iv.cli import eval, ifeval, patch, paths, probe, stats, sweep, tasks, train_toy  # noqa: F401  (registers the commands)
+from olmo_iv.cli import (  # noqa: F401  (registers the commands)
+    eval,
+    ifeval,
+    patch,
+    paths,
+    probe,
+    stats,
+    steer,
+    sweep,
+    tasks,
+    train_steer_toy,
+    train_toy,
+)
 from olmo_iv.cli.app import app as _typer_app
 from rich.console import Console
 from rich.markup import escape
@@ -17,12 +29,18 @@ from olmo_iv.errors import OlmoIVError
 from olmo_iv.runs.store import RunFinished
 
 _PARAM = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)=(True\b)?")
+FLAG_OF = {"n": "samples", "lda_layer": "layer", "head_tokens": "head-token", "prompt_mode": "mode"}
+"""Library parameters whose command-line flag has another name."""
 
 
 def as_flags(message: str) -> str:
     """'device='cuda'' -> '--device 'cuda'', 'overwrite=True' -> '--overwrite': the library names its Python
     parameters, the command line its flags (parameters and flags share their names, '_' written '-')."""
-    return _PARAM.sub(lambda m: f"--{m.group(1).replace('_', '-')}" + ("" if m.group(2) else " "), message)
+    def flag(m: re.Match) -> str:
+        name = FLAG_OF.get(m.group(1), m.group(1)).replace("_", "-")
+        return f"--{name}" + ("" if m.group(2) else " ")
+
+    return _PARAM.sub(flag, message)
 
 
 def app() -> None:

@@ -172,6 +172,45 @@ def extract(
 
 
 @torch.no_grad()
+def extract_span_mean(
+    model,
+    seqs: Sequence[Sequence[int]] | Tensor,
+    hook: str,
+    spans: Sequence[tuple[int, int]],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """The mean activation over tokens [start, end) of each sequence, for each layer: float32 [N, len(layers), d]
+    on the CPU (e.g. the instruction's tokens, or the whole prompt)."""
+    layers, names = _hook_names(model, hook, layers)
+    rows = _as_rows(seqs)
+    if len(spans) != len(rows):
+        raise OlmoIVError(f"spans= has {len(spans)} entries for {len(rows)} sequences")
+    for (a, b), r in zip(spans, rows):
+        if not 0 <= a < b <= len(r):
+            raise OlmoIVError(f"span ({a}, {b}) is empty or outside a sequence of {len(r)} tokens")
+    out = torch.empty(len(rows), len(layers), model.config.d_model)
+    for batch in _batches([len(r) for r in rows], batch_size, pad=True):
+        ids = _padded([rows[i] for i in batch], model.device)
+        t = torch.arange(ids.shape[1], device=model.device)[None, :]
+        lo = torch.tensor([spans[i][0] for i in batch], device=model.device)[:, None]
+        hi = torch.tensor([spans[i][1] for i in batch], device=model.device)[:, None]
+        weight = ((t >= lo) & (t < hi)).float() / (hi - lo).float()  # [B, T]
+        grabbed: dict[str, Tensor] = {}
+
+        def grab(x: Tensor, name: str, grabbed=grabbed, weight=weight) -> None:
+            grabbed[name] = torch.einsum("bt,btd->bd", weight, x.float())
+
+        with model.hooks({name: grab for name in names}):
+            model(ids, stop_at_layer=max(layers) + 1)
+        out[torch.tensor(batch)] = torch.stack([grabbed[n] for n in names], 1).cpu()
+    if not bool(torch.isfinite(out).all()):
+        locate_nonfinite(model, rows[:4], f"activations at {hook}")
+    return out
+
+
+@torch.no_grad()
 def iter_token_activations(
     model,
     seqs: Sequence[Sequence[int]] | Tensor,

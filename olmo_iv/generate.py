@@ -9,7 +9,8 @@ so the tokens equal `Olmo2ForCausalLM.generate(do_sample=False)` on the same che
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -71,9 +72,26 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Te
     return ids, mask
 
 
+@dataclass
+class GenerationState:
+    """Where a batch's forward pass is, for hooks that treat prompt and generated positions differently.
+
+    Rows are left-padded, so in every row the prompt occupies positions < prompt_len and the k-th generated token
+    sits at position prompt_len + k; `offset` is the position of the first token the current forward sees (0 for
+    the prefill and for every full recompute, the cache length otherwise)."""
+
+    prompt_len: int
+    offset: int = 0
+
+
+HookFactory = Callable[[GenerationState], dict]
+"""Builds the hooks of one batch (a `model.hooks` spec) from its GenerationState, which the loop keeps current."""
+
+
 @torch.inference_mode()
 def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens: int, stop: Tensor | None,
-                    use_cache: bool) -> list[list[int]]:
+                    use_cache: bool, hooks: HookFactory | None = None,
+                    generator: torch.Generator | None = None, temperature: float = 1.0) -> list[list[int]]:
     device = model.device
     ids, mask = left_pad(rows)
     ids, mask = ids.to(device), mask.to(device)
@@ -81,17 +99,34 @@ def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens:
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[Tensor] = []
     cache = KVCache.empty(model.config.n_layers) if use_cache else None
+    state = GenerationState(prompt_len=ids.shape[1])
+    with model.hooks(hooks(state) if hooks is not None else {}):
+        return _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens, stop, use_cache,
+                            generator, temperature)
+
+
+def _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens, stop, use_cache, generator,
+                 temperature) -> list[list[int]]:
+    B = ids.shape[0]
     step_ids = ids
     for _ in range(max_new_tokens):
         if use_cache:
+            state.offset = cache.length
             logits = model(step_ids, attention_mask=mask, kv_cache=cache, logits_at=-1)
         else:  # the straightforward path: recompute the whole sequence every step
+            state.offset = 0
             logits = model(ids, attention_mask=mask, logits_at=-1)
-        if not bool(torch.isfinite(logits[~done]).all()):  # argmax of NaN logits is a silent wrong token
+        # argmax returns the first maximum, as torch.argmax in transformers' greedy search; a NaN or +inf in a
+        # row is its maximum, so checking the chosen logit catches a non-finite row without a pass over [B, V]
+        top = logits.argmax(-1)
+        if not bool(torch.isfinite(logits.gather(1, top[:, None])[~done]).all()):
             bad = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
             locate_nonfinite(model, [rows[i] for i in bad[:2]], "logits in generation")
-        # argmax returns the first maximum, as torch.argmax in transformers' greedy search does
-        nxt = logits.argmax(-1)
+        if generator is None:
+            nxt = top
+        else:  # sampling: one draw per row from softmax(logits / temperature), reproducible for a seed
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
         new.append(nxt)
         if stop is not None:
             done |= stop[nxt]
@@ -125,6 +160,9 @@ def generate(
     tokenizer=None,
     use_cache: bool = True,
     progress: ProgressFn | None = None,
+    hooks: HookFactory | None = None,
+    seed: int | None = None,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt; returns the new token ids only, one list per prompt, in order.
 
@@ -133,6 +171,8 @@ def generate(
         tokenizer); stop_ids: further tokens that end a row (e.g. EOS). The stopping token is kept in the
         output, as transformers keeps EOS; without a stop, each row has exactly max_new_tokens tokens.
     use_cache: False recomputes the full sequence at every step (the reference path the cache is tested against).
+    hooks: a function of each batch's GenerationState that returns the hooks to hold during that batch (steering).
+    seed: sample with this seed (softmax of logits / temperature) instead of decoding greedily.
     """
     if max_new_tokens < 0:
         raise OlmoIVError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -164,8 +204,12 @@ def generate(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if seed is not None and not temperature > 0:
+        raise OlmoIVError(f"temperature={temperature}: sampling needs a temperature > 0")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for batch in batches:
-        gens = _generate_batch(model, [rows[i] for i in batch], max_new_tokens, stop_t, use_cache)
+        gens = _generate_batch(model, [rows[i] for i in batch], max_new_tokens, stop_t, use_cache, hooks, generator,
+                               temperature)
         for i, gen in zip(batch, gens, strict=True):
             out[i] = gen
         if progress is not None:

@@ -20,8 +20,10 @@ from olmo_iv.io import atomic_write, write_text
 from olmo_iv.model import ModelConfig, OLMo2
 
 MODELS_DIR = Path(__file__).parent / "models"
-BUILTIN = {"toy": MODELS_DIR / "toy", "toy-base": MODELS_DIR / "toy-base"}
+BUILTIN = {"toy": MODELS_DIR / "toy", "toy-base": MODELS_DIR / "toy-base",
+           "toy-steer": MODELS_DIR / "toy-steer", "toy-steer-base": MODELS_DIR / "toy-steer-base"}
 """Models shipped inside the package, loaded through the same path as any local folder."""
+_RETRAIN = {"toy-steer": "train-steer-toy", "toy-steer-base": "train-steer-toy --control"}
 
 HUB_FILES = [
     "config.json",
@@ -73,7 +75,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
         path = BUILTIN[name]
         if not (path / "config.json").exists():
             raise OlmoIVError(
-                f"the built-in model {name!r} is missing from {path}: rebuild it with `olmo-iv train-toy`"
+                f"the built-in model {name!r} is missing from {path}: rebuild it with `olmo-iv {_RETRAIN.get(name, 'train-toy')}`"
             )
         return path
     path = Path(name).expanduser()

@@ -121,3 +121,54 @@ def trace_direct(model: OLMo2, ids: Tensor | Sequence[int], answer: int, cfg: Pa
     return PathResult(torch.tensor(toks, dtype=torch.long).reshape(-1, L + 1), torch.tensor(logits),
                       torch.tensor(ranks, dtype=torch.long), total, sources, answer, graph, cfg,
                       *model_rank(obs.logits, answer))
+
+
+# ---------------------------------------------------------------------------------------------------- steering
+
+
+@torch.no_grad()
+def stolfo_vectors(model: OLMo2, with_ids: Sequence[Sequence[int]], without_ids: Sequence[Sequence[int]],
+                   hook: str = "hook_resid_post") -> tuple[Tensor, Tensor]:
+    """The authors' vectors, pair by pair: one full forward per prompt, the last token's activation at every
+    layer, the mean of the differences, unit-normalised; z̄ the mean projection of the with-instruction runs."""
+    L = model.config.n_layers
+    names = [f"blocks.{l}.{hook}" for l in range(L)]
+    diffs, withs = [], []
+    for a, b in zip(with_ids, without_ids, strict=True):
+        _, ca = model.run_with_cache(torch.tensor([list(a)]), names=names)
+        _, cb = model.run_with_cache(torch.tensor([list(b)]), names=names)
+        ha = torch.stack([ca[n][0, -1] for n in names]).double()
+        hb = torch.stack([cb[n][0, -1] for n in names]).double()
+        diffs.append(ha - hb)
+        withs.append(ha)
+    d = torch.stack(diffs).mean(0)
+    u = d / d.norm(dim=-1, keepdim=True)
+    zbar = torch.stack([(h * u).sum(-1) for h in withs]).mean(0)
+    return u.float(), zbar.float()
+
+
+@torch.no_grad()
+def stolfo_generate(model: OLMo2, prompt: Sequence[int], layer: int, u: Tensor, *, mode: str = "adjust_rs",
+                    coef: float = 1.0, zbar: float = 0.0, max_new_tokens: int = 16, stop_id: int | None = None,
+                    hook: str = "hook_resid_post") -> list[int]:
+    """The authors' steered greedy decoding: no cache; for every new token the whole sequence is run again with
+    the hook editing every position at one layer."""
+    u = u.float() / u.float().norm()
+
+    def edit(x: Tensor, name: str) -> Tensor:
+        h = x.float()
+        if mode == "add":
+            return (h + coef * u).to(x.dtype)
+        proj = h @ u
+        return (h + (coef * ((zbar - proj) if mode == "adjust_rs" else -proj))[..., None] * u).to(x.dtype)
+
+    ids = list(prompt)
+    new: list[int] = []
+    with model.hooks({f"blocks.{layer}.{hook}": edit}):
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids]), logits_at=-1)[0].argmax())
+            if nxt == stop_id:
+                break
+            new.append(nxt)
+            ids.append(nxt)
+    return new

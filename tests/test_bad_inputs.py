@@ -5,7 +5,6 @@ note (each case run as a real `olmo-iv` process)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,7 +49,7 @@ CASES = [
     (["stats", "{run}", "--task", "nope"], "nope"),
     (["paths", "--samples", "2", "--sources", "99", "--out", "{tmp}"], "position 99 is outside"),
     (["paths", "--sources", "a:b"], "--sources 'a:b'"),
-    (["paths", "--samples", "2", "--head-token", "999", "--out", "{tmp}"], "position 999 is outside"),
+    (["paths", "--samples", "2", "--head-token", "999", "--out", "{tmp}"], "--head-token [999]: position 999 is outside"),
     (["paths", "--threshold", "0"], "--threshold 0"),
     (["paths", "--trace", "foo"], "path mode 'foo'"),
     (["paths", "--chunk", "0"], "--chunk 0"),
@@ -60,7 +59,7 @@ CASES = [
     (["probe", "--batch-size", "0"], "--batch-size 0"),
     (["probe", "--dtype", "x"], "--dtype 'x'"),
     (["probe", "--model", "toy", "--layer", "99", "--task", "adj_comp", "--task", "can_fly", "--out", "{tmp}"],
-     "--lda-layer 99 is outside"),
+     "--layer 99 is outside"),
     (["eval", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["eval", "--batch-size", "0"], "--batch-size 0"),
     (["eval", "--samples", "0"], "--samples 0"),
@@ -80,9 +79,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def places(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
+def make_places(root: Path) -> Path:
     (root / "file").write_text("x")
     (root / "latin.csv").write_bytes("word,opposite\nchaud,froid\nété,hiver\n".encode("latin-1"))
     (root / "latin.json").write_text(json.dumps([{"name": "mine/latin", "csv": "latin.csv", "query_column": "word",
@@ -91,6 +88,31 @@ def places(tmp_path_factory):
 
     run_patching(PatchSettings(tasks=["animals/can_fly"], samples=6), root / "run")
     return root
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    return make_places(tmp_path_factory.mktemp("bad"))
+
+
+def run_case(argv: list[str]) -> tuple[int, str]:
+    """Exit code and stderr of `olmo-iv ARGV`, run in this process as the console script runs it."""
+    import contextlib
+    import io
+
+    from olmo_iv.cli import main
+
+    err, old = io.StringIO(), sys.argv
+    sys.argv = ["olmo-iv", *argv]
+    try:
+        with contextlib.redirect_stderr(err):
+            main.app()
+        code = 0
+    except SystemExit as ex:
+        code = int(ex.code or 0)
+    finally:
+        sys.argv = old
+    return code, " ".join(err.getvalue().split())
 
 
 def _args(args: list[str], places: Path, n: int) -> list[str]:
@@ -105,15 +127,10 @@ def _args(args: list[str], places: Path, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("n", range(len(CASES)))
-def test_bad_input_is_one_clear_line(n, places, monkeypatch, capsys):
-    from olmo_iv.cli import main
-
+def test_bad_input_is_one_clear_line(n, places):
     args, phrase = CASES[n]
-    monkeypatch.setattr(sys, "argv", ["olmo-iv", *_args(args, places, n)])
-    with pytest.raises(SystemExit) as ex:
-        main.app()
-    err = " ".join(capsys.readouterr().err.split())
-    assert ex.value.code == 2, err
+    code, err = run_case(_args(args, places, n))
+    assert code == 2, err
     assert "Traceback" not in err and err.startswith("error:") and phrase in err, err
 
 
@@ -159,15 +176,13 @@ def test_a_hook_that_injects_nan_is_caught_by_every_analysis():
             patch_layers(half, [ids], [ids], [5], layer_grid(6, 1), target_pos=0)
 
 
-if __name__ == "__main__":  # the closing note's table: each case as a real process
+if __name__ == "__main__":  # the closing note's table
     import tempfile
 
-    root = Path(tempfile.mkdtemp())
-    places_dir = places.__wrapped__(type("F", (), {"mktemp": lambda self, name: root})())
+    root = make_places(Path(tempfile.mkdtemp()))
     print("| command | exit | message |\n|---|---|---|")
     for n, (args, _) in enumerate(CASES):
-        argv = _args(args, places_dir, n)
-        p = subprocess.run([sys.executable, "-m", "olmo_iv.cli.main", *argv], capture_output=True, text=True)
-        msg = " ".join((p.stderr or p.stdout).split())[:200].replace("|", "\\|")
+        argv = _args(args, root, n)
+        code, msg = run_case(argv)
         shown = " ".join(argv).replace(str(root), "DIR")
-        print(f"| `olmo-iv {shown}` | {p.returncode} | {msg.replace(str(root), 'DIR')} |")
+        print(f"| `olmo-iv {shown}` | {code} | {msg.replace(str(root), 'DIR').replace('|', '/')[:220]} |")

@@ -319,3 +319,59 @@ def ifeval_accuracy(summary: dict) -> Figure:
                  fontsize=10)
     fig.subplots_adjust(left=0.17, right=0.87, top=0.92, bottom=0.45 / (0.28 * len(right) + 1.6) + 0.03)
     return fig
+
+
+# --------------------------------------------------------------------------------------------------- steering
+
+
+def steering_conditions(summary: dict, *, metric: str = "strict", confidence: float = 0.95) -> Figure:
+    """Accuracy per instruction under the four conditions (no instruction, + steering, instruction, + steering),
+    with Wilson intervals and n."""
+    from scipy.stats import binomtest
+
+    ids = list(summary["by_instruction"]) + ["overall"]
+    entries = [summary["by_instruction"][i] for i in ids[:-1]] + [summary["overall"]]
+    conditions = list(entries[0])
+    colors = ["#bdbdbd", "#4393c3", "#636363", "#d6604d"]
+    fig = Figure(figsize=(max(6.0, 0.9 * len(ids) + 2), 4.4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(conditions)
+    for k, (cond, color) in enumerate(zip(conditions, colors, strict=False)):
+        vals, lo, hi = [], [], []
+        for e in entries:
+            n, v = e[cond]["n"], e[cond][metric]
+            ci = binomtest(round(v * n), n).proportion_ci(confidence, method="wilson") if n else None
+            vals.append(100 * v)
+            lo.append(100 * (v - ci.low) if ci else 0)
+            hi.append(100 * (ci.high - v) if ci else 0)
+        ax.bar(np.arange(len(ids)) - 0.4 + width * (k + 0.5), vals, width, yerr=[lo, hi], capsize=1.5,
+               error_kw={"lw": 0.6}, color=color, label=cond.replace("_", " ").replace("+", " + "))
+    n_of = [entries[j][conditions[0]]["n"] for j in range(len(ids))]
+    ax.set_xticks(range(len(ids)), [f"{i.split(':')[-1]}\nn={n}" for i, n in zip(ids, n_of, strict=True)],
+                  fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title(f"Format steering: IFEval {metric} accuracy, {round(100 * confidence)}% Wilson intervals", fontsize=9)
+    return fig
+
+
+def layer_sweep(rows: list[list]) -> Figure:
+    """Loose accuracy of steering without the instruction, by layer, per instruction (validation rows; dashed:
+    the layer's responses were filtered as degenerate)."""
+    fig = Figure(figsize=(6.4, 4), layout="constrained")
+    ax = fig.subplots()
+    by: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for iid, _, layer, acc, _, kept in rows:
+        by.setdefault(iid, {}).setdefault(layer, []).append((acc, kept))
+    for iid, per_layer in by.items():
+        layers = sorted(per_layer)
+        acc = [100 * float(np.mean([a for a, _ in per_layer[lyr]])) for lyr in layers]
+        kept = [100 * float(np.mean([k for _, k in per_layer[lyr]])) for lyr in layers]
+        line = ax.plot(layers, kept, marker="o", ms=3, label=iid.split(":")[-1])[0]
+        ax.plot(layers, acc, ls="--", lw=0.8, color=line.get_color())
+    ax.set(xlabel="steered layer", ylabel="loose accuracy without instruction (%)", ylim=(0, 105),
+           title="Layer selection (solid: after the degeneration filter; dashed: before)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=6, ncols=2)
+    return fig

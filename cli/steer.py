@@ -1,0 +1,144 @@
+"""`olmo-iv steer`: difference-of-means steering vectors and steered generation (Stolfo et al.)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console, out_option, progress_bar
+from rich.markup import escape
+
+steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
+                        no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+
+
+@steer_app.command("vectors")
+def vectors(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    pairs: Path = typer.Option(..., help='JSONL, one {"with": ..., "without": ...} user message pair per line.'),
+    position: str = typer.Option("last", help="Where activations are read: last (the last prompt token, the authors'), instruction (mean over its tokens) or prompt (mean over all)."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    out: Path = out_option("runs/steer-vectors"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Difference-of-means vectors for every layer: vectors.safetensors (u [n_layers, d_model], zbar [n_layers])."""
+    from olmo_iv.runs.steer import VectorSettings, run_vectors
+
+    con = console()
+    settings = VectorSettings(model=model, pairs=str(pairs), position=position, style=style, batch_size=batch_size,
+                              device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        vecs = run_vectors(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    con.print(f"{vecs.meta['n_pairs']} pairs, {vecs.u.shape[0]} layers; z̄ per layer: "
+              + ", ".join(f"{z:.2f}" for z in vecs.zbar.tolist()))
+    con.print(f"files: {escape(str(out))}/ (vectors.safetensors, vectors.json)")
+
+
+@steer_app.command("generate")
+def generate(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    vectors: Path = typer.Option(..., help="Folder written by `olmo-iv steer vectors`."),
+    layer: int = typer.Option(..., help="Layer whose hook_resid_post is edited."),
+    mode: str = typer.Option("add", help="add (h + C·u), adjust_rs (set h·u to z̄) or ablate (remove h·u)."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit (1 = full)."),
+    prompts: Path = typer.Option(..., help='JSONL, one {"prompt": ...} user message per line.'),
+    max_new_tokens: int = typer.Option(64, help="New tokens per prompt (a row also ends at EOS)."),
+    positions: str = typer.Option("all", help="all (the authors'), prompt, generated or last_prompt."),
+    decay: float = typer.Option(None, help="Weight the k-th generated token by decay**k (default: constant)."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(None, help="Sample with this seed instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="With --seed: softmax temperature."),
+    also: list[str] = typer.Option(None, help="Compose another vector: VECTORS_DIR:LAYER:MODE:COEF (repeatable)."),
+    out: Path = out_option("runs/steer-generate"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Steered generation with a KV cache: generations.jsonl, one {"prompt", "ids", "text"} per prompt."""
+    from olmo_iv.runs.steer import GenerateSettings, run_generate
+
+    con = console()
+    settings = GenerateSettings(model=model, vectors=str(vectors), prompts=str(prompts), layer=layer, mode=mode,
+                                coef=coef, positions=positions, decay=decay, max_new_tokens=max_new_tokens,
+                                style=style, batch_size=batch_size, seed=seed, temperature=temperature,
+                                also=also or [], device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        rows = run_generate(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    for r in rows[:5]:
+        con.print(f"[bold]{escape(r['prompt'][:60])}[/] → {escape(r['text'][:100])!r}")
+    con.print(f"files: {escape(str(out))}/ (generations.jsonl, summary.json)")
+
+
+@steer_app.command("format")
+def format_(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
+    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
+    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    folds: int = typer.Option(2, help="Vectors for a row come from the other folds of its instruction."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(0, help="Seed of the folds."),
+    out: Path = out_option("runs/steer-format"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's format experiment: no instruction, no instruction + steering, instruction, instruction + steering,
+    per instruction type, judged by the IFEval checkers (strict and loose)."""
+    from olmo_iv.runs.steer import FormatSettings, run_format
+
+    con = console()
+    settings = FormatSettings(model=model, data=None if data is None else str(data),
+                              layers=[int(x) for x in layers.split(",")] if layers else None, mode=mode, coef=coef,
+                              folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
+                              batch_size=batch_size, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_format(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    from rich.table import Table
+
+    table = Table(title="IFEval strict accuracy (%) by condition")
+    table.add_column("instruction")
+    conds = list(summary["overall"])
+    for c in conds:
+        table.add_column(c.replace("_", " "), justify="right")
+    for iid, e in [*summary["by_instruction"].items(), ("overall", summary["overall"])]:
+        table.add_row(iid, *(f"{100 * e[c]['strict']:.0f} (n={e[c]['n']})" for c in conds))
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, conditions.png/.pdf, layers.png/.pdf)")
+
+
+@steer_app.command("keywords")
+def keywords(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    task: str = typer.Option("include", help="include (keywords:existence) or exclude (keywords:forbidden_words, the inclusion vector subtracted)."),
+    layer: int = typer.Option(None, help="Steered layer (default: two thirds of the way up)."),
+    coef: float = typer.Option(40.0, help="Multiple of u added (subtracted for exclude); Stolfo: 40 include, 150 exclude."),
+    n_pairs: int = typer.Option(20, help="Validation questions per word vector."),
+    limit: int = typer.Option(None, help="Only the first N test prompts."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    out: Path = out_option("runs/steer-keywords"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's word experiments: a vector per word, added (inclusion) or subtracted (exclusion) with no instruction
+    in the prompt; strict IFEval accuracy with and without steering."""
+    from olmo_iv.runs.steer import KeywordSettings, run_keywords
+
+    con = console()
+    settings = KeywordSettings(model=model, task=task, layer=layer, coef=coef, n_pairs=n_pairs, limit=limit,
+                               max_new_tokens=max_new_tokens, style=style, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_keywords(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    con.print(f"{task}, layer {summary['layer']}, n={summary['n']}: strict accuracy without steering "
+              f"{100 * summary['strict']['no_instruction']:.1f}%, with {100 * summary['strict']['no_instruction+steer']:.1f}%")
+    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")

@@ -1,0 +1,260 @@
+"""Activation steering (Stolfo et al., ICLR 2025): difference-of-means vectors, interventions as hook specs, and
+steered generation with a KV cache that equals the authors' full-recompute procedure token for token.
+
+    vecs = compute_vectors(model, pairs)                        # per layer: u (unit) and z̄, from (with, without)
+    spec = Steer(layer=3, vector=vecs.u[3], mode="adjust_rs", zbar=float(vecs.zbar[3]))
+    ids = generate_steered(model, prompts, [spec], max_new_tokens=64)
+
+The authors' procedure (docs/steering.md): both prompts of a pair rendered with the chat template and its
+generation prompt; the residual stream after every block (`hook_resid_post`) at the last prompt token; the mean of
+(with - without) over pairs, unit-normalised; z̄ the mean projection of the with-instruction activations on u. The
+hook edits every position of the sequence, prompt and generated, at one layer. Their loop recomputes the whole
+sequence for each new token; with the cache each position is edited once, when it is first computed, which gives
+the same activations because every position only sees positions that were edited the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from olmo_iv.errors import OlmoIVError, check_range
+from olmo_iv.generate import GenerationState, generate
+from olmo_iv.hooks import BLOCK_HOOKS
+from olmo_iv.progress import ProgressFn
+
+MODES = ("add", "adjust_rs", "ablate")
+"""add: h + c·u. adjust_rs (Stolfo's set-projection): h + (z̄ - h·u)·u, so that h·u = z̄. ablate: h - (h·u)·u."""
+POSITIONS = ("all", "prompt", "generated", "last_prompt")
+"""Which positions a spec edits: every one (the authors' choice), the prompt's, the generated tokens', or only the
+last prompt token (where the vectors are read)."""
+VECTOR_POSITIONS = ("last", "instruction", "prompt")
+"""Where vectors are read: the last prompt token (the authors'), the mean over the instruction's tokens, or the
+mean over all prompt tokens."""
+
+
+@dataclass
+class Steer:
+    """One intervention: a direction at one layer's hook point, a mode, and where and how strongly it acts."""
+
+    layer: int
+    """Block whose output (by default) is edited."""
+    vector: Tensor
+    """[d_model] direction; normalised to unit length here."""
+    mode: str = "add"
+    """One of MODES."""
+    coef: float = 1.0
+    """add: the multiple of u added. adjust_rs and ablate: a weight on the edit (1 = the full edit)."""
+    zbar: float | None = None
+    """adjust_rs: the projection every edited position is set to."""
+    positions: str = "all"
+    """One of POSITIONS."""
+    decay: float | None = None
+    """None: constant. γ in (0, 1]: the k-th generated position (k = 0, 1, ...) gets coef·γ^k; prompt positions
+    get coef."""
+    hook: str = "hook_resid_post"
+    """The block hook point edited."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise OlmoIVError(f"positions={self.positions!r}: use one of {', '.join(POSITIONS)}")
+        if self.hook not in BLOCK_HOOKS:
+            raise OlmoIVError(f"hook={self.hook!r}: use a block hook point such as 'hook_resid_post'")
+        check_range("coef", self.coef)
+        if self.decay is not None:
+            check_range("decay", self.decay, 0, 1, low_open=True)
+        if self.mode == "adjust_rs":
+            if self.zbar is None:
+                raise OlmoIVError("mode='adjust_rs' needs zbar= (the mean projection of the with-instruction runs)")
+            check_range("zbar", self.zbar)
+        v = torch.as_tensor(self.vector).detach().float().reshape(-1)
+        norm = float(v.norm())
+        if not norm > 0 or not torch.isfinite(v).all():
+            raise OlmoIVError("vector= must be a finite, non-zero direction")
+        self.vector = v / norm
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{self.hook}"
+
+    def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
+        """[length] weight of each position offset..offset+length-1 (0 where this spec does not act)."""
+        p = torch.arange(offset, offset + length, device=device)
+        if prompt_len is None:  # a plain forward, no generation: every position is a prompt position
+            prompt_len = offset + length
+        on = {"all": torch.ones_like(p, dtype=torch.bool), "prompt": p < prompt_len, "generated": p >= prompt_len,
+              "last_prompt": p == prompt_len - 1}[self.positions]
+        w = torch.full((length,), float(self.coef), device=device)
+        if self.decay is not None:
+            k = (p - prompt_len).clamp(min=0).float()
+            w = torch.where(p >= prompt_len, self.coef * self.decay**k, w)
+        return w * on
+
+    def edit(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [B, T, d] edited with per-position weights w [T], in fp32, cast back to x's dtype."""
+        u = self.vector.to(x.device)
+        h = x.float()
+        if self.mode == "add":
+            out = h + w[None, :, None] * u
+        else:
+            proj = h @ u  # [B, T]
+            target = (float(self.zbar) - proj) if self.mode == "adjust_rs" else -proj
+            out = h + (w[None, :] * target)[..., None] * u
+        return out.to(x.dtype)
+
+
+def steering_hooks(specs: Sequence[Steer], state: GenerationState | None = None) -> dict[str, list]:
+    """The hooks of `specs` for `model.hooks(...)`; several specs at one hook point act in order. Without a
+    generation state, every position is a prompt position."""
+    hooks: dict[str, list] = {}
+    for spec in specs:
+        def hook(x: Tensor, name: str, spec: Steer = spec) -> Tensor:
+            offset = state.offset if state is not None else 0
+            w = spec.weights(offset, x.shape[1], state.prompt_len if state is not None else None, x.device)
+            return spec.edit(x, w)
+
+        hooks.setdefault(spec.hook_name, []).append(hook)
+    return hooks
+
+
+def check_specs(model, specs: Sequence[Steer]) -> None:
+    d, L = model.config.d_model, model.config.n_layers
+    for spec in specs:
+        if not 0 <= spec.layer < L:
+            raise OlmoIVError(f"layer={spec.layer}: this model has layers 0..{L - 1}")
+        if spec.vector.numel() != d:
+            raise OlmoIVError(f"the steering vector has {spec.vector.numel()} entries; this model's d_model is {d}")
+
+
+def generate_steered(model, prompts: Sequence[Sequence[int]] | Sequence[str], specs: Sequence[Steer], *,
+                     max_new_tokens: int = 64, stop_ids: Sequence[int] | None = None, batch_size: int = 16,
+                     use_cache: bool = True, seed: int | None = None, temperature: float = 1.0,
+                     progress: ProgressFn | None = None) -> list[list[int]]:
+    """New token ids per prompt with `specs` active on the prompt (prefill) and on every new token; greedy, or
+    sampled with `seed`. A row ends at a stop token (default: the model's EOS), which is not included.
+    use_cache=False is the authors' procedure: the whole sequence recomputed, and re-steered, for every token."""
+    check_specs(model, specs)
+    check_range("max_new_tokens", max_new_tokens, 1)
+    if stop_ids is None:
+        eos = model.config.eos_token_id
+        stop_ids = () if eos is None else (eos,)
+    out = generate(model, list(prompts), max_new_tokens=max_new_tokens, stop_at_newline=False, stop_ids=stop_ids,
+                   batch_size=batch_size, use_cache=use_cache, progress=progress, seed=seed, temperature=temperature,
+                   hooks=(lambda state: steering_hooks(specs, state)) if specs else None)
+    stops = set(stop_ids)
+    return [ids[:-1] if ids and ids[-1] in stops else ids for ids in out]
+
+
+# ---------------------------------------------------------------------------------------------------- vectors
+
+
+@dataclass
+class SteeringVectors:
+    """Difference-of-means directions for every layer of one hook point."""
+
+    u: Tensor
+    """[n_layers, d_model] unit vectors (float32)."""
+    zbar: Tensor
+    """[n_layers] mean projection of the with-instruction activations on u."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """How they were made: model, fingerprint, hook, position, number and digest of the pairs."""
+
+    def spec(self, layer: int, **kw) -> Steer:
+        """A Steer at `layer` with this layer's u (and z̄, used by mode='adjust_rs')."""
+        if not 0 <= layer < self.u.shape[0]:
+            raise OlmoIVError(f"layer={layer}: these vectors have layers 0..{self.u.shape[0] - 1}")
+        return Steer(layer=layer, vector=self.u[layer], zbar=float(self.zbar[layer]),
+                     hook=self.meta.get("hook", "hook_resid_post"), **kw)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"u": self.u.contiguous(), "zbar": self.zbar.contiguous()}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SteeringVectors:
+        """vectors.safetensors (u, zbar) and vectors.json (metadata) from a folder `olmo-iv steer vectors` wrote."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        path = folder / "vectors.safetensors"
+        if not path.exists():
+            raise OlmoIVError(f"vectors={str(folder)!r} holds no vectors.safetensors: compute vectors first")
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise OlmoIVError(f"{path} is not a readable safetensors file ({err})") from None
+        if "u" not in t or "zbar" not in t or t["u"].dim() != 2 or t["zbar"].shape != t["u"].shape[:1]:
+            raise OlmoIVError(f"{path} must hold u [n_layers, d_model] and zbar [n_layers]")
+        meta_path = folder / "vectors.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return cls(t["u"].float(), t["zbar"].float(), meta)
+
+
+def diff_of_means(with_acts: Tensor, without_acts: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, z̄) from paired activations [N, L, d]: u = mean(with - without) / ||.||, z̄ = mean(with · u)."""
+    if with_acts.shape != without_acts.shape or with_acts.dim() != 3:
+        raise OlmoIVError(f"paired activations must both be [N, L, d]; got {tuple(with_acts.shape)} and "
+                          f"{tuple(without_acts.shape)}")
+    diff = (with_acts.double() - without_acts.double()).mean(0)
+    norm = diff.norm(dim=-1, keepdim=True)
+    if bool((norm == 0).any()):
+        raise OlmoIVError("with and without activations are identical at some layer: the pairs carry no difference")
+    u = (diff / norm).float()
+    zbar = torch.einsum("nld,ld->l", with_acts.float(), u) / with_acts.shape[0]
+    return u, zbar
+
+
+def _spans(with_ids: list[int], without_ids: list[int]) -> tuple[int, int]:
+    """The tokens of the with-prompt that the without-prompt lacks: after the common prefix and before the
+    common suffix (the instruction, wherever it is placed)."""
+    a = 0
+    while a < min(len(with_ids), len(without_ids)) and with_ids[a] == without_ids[a]:
+        a += 1
+    b = 0
+    while b < min(len(with_ids), len(without_ids)) - a and with_ids[-1 - b] == without_ids[-1 - b]:
+        b += 1
+    return a, max(a + 1, len(with_ids) - b)
+
+
+def compute_vectors(model, pairs: Sequence[tuple[str, str]], *, position: str = "last", style: str = "auto",
+                    hook: str = "hook_resid_post", batch_size: int = 16,
+                    progress: ProgressFn | None = None) -> SteeringVectors:
+    """Difference-of-means vectors for every layer from (with-instruction, without-instruction) user messages,
+    each rendered with the model's chat template (olmo_iv.chat, `style`)."""
+    from olmo_iv.activations import extract, extract_span_mean
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+
+    if position not in VECTOR_POSITIONS:
+        raise OlmoIVError(f"position={position!r}: use one of {', '.join(VECTOR_POSITIONS)}")
+    if not pairs:
+        raise OlmoIVError("pairs= is empty: give (with, without) message pairs")
+    if model.tokenizer is None:
+        raise OlmoIVError("the model has no tokenizer.json: steering vectors need one to render the prompts")
+    with_ids = [encode(model.tokenizer, format_prompt(model, w, style=style)) for w, _ in pairs]
+    without_ids = [encode(model.tokenizer, format_prompt(model, wo, style=style)) for _, wo in pairs]
+    if position == "last":
+        w = extract(model, with_ids, hook, positions=-1, batch_size=batch_size, dtype=torch.float32,
+                    progress=progress)
+        wo = extract(model, without_ids, hook, positions=-1, batch_size=batch_size, dtype=torch.float32,
+                     progress=progress)
+    elif position == "prompt":
+        w = extract_span_mean(model, with_ids, hook, [(0, len(s)) for s in with_ids], batch_size=batch_size)
+        wo = extract_span_mean(model, without_ids, hook, [(0, len(s)) for s in without_ids], batch_size=batch_size)
+    else:  # the instruction's tokens in the with-prompt, and the last prompt token of the without-prompt
+        spans = [_spans(a, b) for a, b in zip(with_ids, without_ids, strict=True)]
+        w = extract_span_mean(model, with_ids, hook, spans, batch_size=batch_size)
+        wo = extract(model, without_ids, hook, positions=-1, batch_size=batch_size, dtype=torch.float32)
+    u, zbar = diff_of_means(w.cpu(), wo.cpu())
+    digest = __import__("hashlib").sha256(json.dumps(list(map(list, pairs))).encode()).hexdigest()
+    meta = {"model": getattr(model, "name_or_path", None), "hook": hook, "position": position, "style": style,
+            "n_pairs": len(pairs), "pairs_sha256": digest, "n_layers": int(u.shape[0]), "d_model": int(u.shape[1])}
+    return SteeringVectors(u, zbar, meta)

@@ -1,0 +1,428 @@
+"""Steering runs on disk (`olmo-iv steer ...`), through the run store.
+
+    vectors:   vectors.safetensors (u [n_layers, d_model], zbar [n_layers]) and vectors.json (metadata)
+    generate:  generations.jsonl, one {"prompt", "ids", "text"} per prompt (new token ids, stopping at EOS,
+               which is not included), in units of `batch_size` prompts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from olmo_iv.errors import OlmoIVError, check_range
+from olmo_iv.evals.ifeval.scoring import read_jsonl
+from olmo_iv.interventions.steering import MODES, SteeringVectors, compute_vectors, generate_steered
+from olmo_iv.io import versions
+from olmo_iv.loading import load
+from olmo_iv.progress import ProgressFn
+from olmo_iv.runs.store import RunStore
+
+
+def _file_sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """{"with": ..., "without": ...} per line: the user message with the instruction and without it."""
+    out = []
+    for number, row in read_jsonl(path, "pairs"):
+        if not isinstance(row, dict) or not isinstance(row.get("with"), str) or not isinstance(row.get("without"), str):
+            raise OlmoIVError(f"pairs= line {number}: expected an object with string fields 'with' and 'without'")
+        out.append((row["with"], row["without"]))
+    if not out:
+        raise OlmoIVError(f"pairs={str(path)!r} holds no pairs")
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """{"prompt": ...} per line: one user message each."""
+    out = []
+    for number, row in read_jsonl(path, "prompts"):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise OlmoIVError(f"prompts= line {number}: expected an object with a string field 'prompt'")
+        out.append(row["prompt"])
+    if not out:
+        raise OlmoIVError(f"prompts={str(path)!r} holds no prompts")
+    return out
+
+
+@dataclass
+class VectorSettings:
+    """What determines a set of steering vectors."""
+
+    model: str = "toy"
+    pairs: str = ""
+    """JSONL of {"with", "without"} user messages."""
+    position: str = "last"
+    """Where activations are read: last (the authors'), instruction or prompt."""
+    style: str = "auto"
+    """Prompt style (olmo_iv.chat): the model's chat template where it has one."""
+    hook: str = "hook_resid_post"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def run_vectors(settings: VectorSettings, out: str | Path, *, overwrite: bool = False,
+                progress: ProgressFn | None = None) -> SteeringVectors:
+    pairs = read_pairs(settings.pairs)
+    store = RunStore.open(out, "steering-vectors", {**asdict(settings), "pairs_sha256": _file_sha(settings.pairs)},
+                          models=[settings.model], overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    vecs = compute_vectors(model, pairs, position=settings.position, style=settings.style, hook=settings.hook,
+                           batch_size=settings.batch_size, progress=progress)
+    vecs.meta.update(model=settings.model, checkpoint=store.checkpoints[settings.model], versions=versions())
+    store.write_bytes("vectors.safetensors", save(vecs.tensors(), metadata={"format": "pt"}))
+    store.write_json("vectors.json", vecs.meta)
+    store.finish()
+    return vecs
+
+
+@dataclass
+class GenerateSettings:
+    """What determines a set of steered generations."""
+
+    model: str = "toy"
+    vectors: str = ""
+    """Folder holding vectors.safetensors."""
+    prompts: str = ""
+    """JSONL of {"prompt"} user messages."""
+    layer: int = 0
+    mode: str = "add"
+    coef: float = 1.0
+    positions: str = "all"
+    decay: float | None = None
+    max_new_tokens: int = 64
+    style: str = "auto"
+    batch_size: int = 16
+    seed: int | None = None
+    """Sample with this seed instead of greedy decoding."""
+    temperature: float = 1.0
+    also: list[str] = field(default_factory=list)
+    """More specs acting at the same time, each 'VECTORS_DIR:LAYER:MODE:COEF' (e.g. a format vector and a
+    conciseness vector, composed as Stolfo et al. compose them)."""
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+        for text in self.also:
+            _parse_also(text)
+
+
+def _parse_also(text: str) -> tuple[str, int, str, float]:
+    parts = text.rsplit(":", 3)
+    try:
+        folder, layer, mode, coef = parts
+        return folder, int(layer), mode, float(coef)
+    except ValueError:
+        raise OlmoIVError(f"also={text!r}: write VECTORS_DIR:LAYER:MODE:COEF, e.g. runs/len:12:add:20") from None
+
+
+def run_generate(settings: GenerateSettings, out: str | Path, *, overwrite: bool = False,
+                 progress: ProgressFn | None = None) -> list[dict]:
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+
+    prompts = read_prompts(settings.prompts)
+    vecs = SteeringVectors.load(settings.vectors)
+    specs = [vecs.spec(settings.layer, mode=settings.mode, coef=settings.coef, positions=settings.positions,
+                       decay=settings.decay)]
+    for text in settings.also:
+        folder, layer, mode, coef = _parse_also(text)
+        specs.append(SteeringVectors.load(folder).spec(layer, mode=mode, coef=coef, positions=settings.positions))
+    store = RunStore.open(out, "steered-generation",
+                          {**asdict(settings), "prompts_sha256": _file_sha(settings.prompts),
+                           "vectors_sha256": _file_sha(Path(settings.vectors) / "vectors.safetensors")},
+                          models=[settings.model], overwrite=overwrite)
+    model, rows = None, []
+    for start in range(0, len(prompts), settings.batch_size):
+        unit = f"generate_{start:05d}"
+        chunk = prompts[start : start + settings.batch_size]
+        if not store.done(unit):
+            if model is None:
+                model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+                if model.tokenizer is None:
+                    raise OlmoIVError(f"model {settings.model!r} has no tokenizer.json: generation needs one")
+            ids = [encode(model.tokenizer, format_prompt(model, p, style=settings.style)) for p in chunk]
+            new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens,
+                                   batch_size=settings.batch_size, seed=settings.seed,
+                                   temperature=settings.temperature)
+            texts = [model.tokenizer.decode(g) for g in new]
+            store.complete(unit, {"rows.json": [{"prompt": p, "ids": g, "text": t}
+                                                for p, g, t in zip(chunk, new, texts, strict=True)]})
+        rows += store.read_json(unit, "rows.json")
+        if progress is not None:
+            progress("generating", len(chunk), len(prompts))
+    store.write_text("generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    store.write_json("summary.json", {"settings": asdict(settings), "checkpoints": store.checkpoints,
+                                      "vectors": vecs.meta, "versions": versions(), "n": len(rows)})
+    store.finish()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the format experiment
+
+FORMAT_DATA = Path(__file__).resolve().parents[1] / "data" / "llm_steer_instruct" / "ifeval_single_instr_format.jsonl"
+CONDITIONS = ("no_instruction", "no_instruction+steer", "instruction", "instruction+steer")
+
+
+@dataclass
+class FormatRow:
+    key: int
+    prompt: str
+    """The user message with its instruction."""
+    without: str
+    """The same message without it."""
+    instruction_id: str
+    kwargs: dict
+
+
+def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
+    """Single-instruction rows: key, prompt, prompt_without_instruction, instruction_id_list (one id), kwargs."""
+    from olmo_iv.evals.ifeval import validate_kwargs
+
+    out = []
+    for number, row in read_jsonl(path or FORMAT_DATA, "data"):
+        try:
+            ids, kwargs = row["instruction_id_list"], row["kwargs"]
+            if len(ids) != 1:
+                raise OlmoIVError(f"data= line {number}: the format experiment takes one instruction per row")
+            out.append(FormatRow(int(row["key"]), row["prompt"], row["prompt_without_instruction"], ids[0],
+                                 validate_kwargs(ids[0], {k: v for k, v in kwargs[0].items() if v is not None})))
+        except (KeyError, TypeError, IndexError, ValueError) as err:
+            raise OlmoIVError(f"data= line {number}: expected key, prompt, prompt_without_instruction, "
+                              f"instruction_id_list and kwargs ({err})") from None
+    return out
+
+
+@dataclass
+class FormatSettings:
+    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
+
+    model: str = "toy"
+    data: str | None = None
+    """Rows as in Stolfo's format set; None: the vendored 163 single-instruction IFEval format prompts."""
+    layers: list[int] | None = None
+    """Candidate layers; per instruction and fold the best on the fold's own (vector) rows is used, or none when
+    no layer beats no steering there. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
+    mode: str = "adjust_rs"
+    coef: float = 1.0
+    folds: int = 2
+    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
+    seed: int = 0
+    max_new_tokens: int = 96
+    style: str = "auto"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        check_range("folds", self.folds, 2)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """The share of a text's word n-grams that repeat an earlier one: the degeneration filter's measure (a
+    looping response scores near 1; Stolfo used GPT-2 perplexity < 2.5, which needs a second model)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
+    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+    import random
+
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.generate import encode
+    from olmo_iv.runs import figures
+
+    rows = read_format_rows(settings.data)
+    data_sha = _file_sha(settings.data or FORMAT_DATA)
+    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha},
+                          models=[settings.model], overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    L = model.config.n_layers
+    candidates = settings.layers if settings.layers is not None else list(range(L // 5, L, 2))
+    for layer in candidates:
+        if not 0 <= layer < L:
+            raise OlmoIVError(f"layers={candidates}: this model has layers 0..{L - 1}")
+    by_id: dict[str, list[FormatRow]] = {}
+    for r in rows:
+        by_id.setdefault(r.instruction_id, []).append(r)
+    fold: dict[int, int] = {}
+    for iid, group in sorted(by_id.items()):
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        for rank, i in enumerate(order):
+            fold[group[i].key] = rank % settings.folds
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        return [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
+
+    def gens(unit: str, texts: list[str], specs: list) -> list[str]:
+        if not store.done(unit):
+            new = generate_steered(model, ids_of(texts), specs, max_new_tokens=settings.max_new_tokens,
+                                   batch_size=settings.batch_size)
+            store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
+        if progress is not None:
+            progress("generating", len(texts), None)
+        return store.read_json(unit, "texts.json")
+
+    def accuracy(group: list[FormatRow], texts: list[str]) -> tuple[float, float]:
+        scored = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                  for r, t in zip(group, texts, strict=True)]
+        return (sum(s.loose[0] for s in scored) / len(scored),
+                sum(repetition(t) > 0.5 for t in texts) / len(texts))
+
+    results, layer_rows = [], []
+    for iid, group in sorted(by_id.items()):
+        for f in range(settings.folds):
+            test = [r for r in group if fold[r.key] == f]
+            train = [r for r in group if fold[r.key] != f]
+            if not test:
+                continue
+            tag = f"{iid.replace(':', '__')}__fold{f}"
+            chosen = None
+            if train:
+                vecs = compute_vectors(model, [(r.prompt, r.without) for r in train], style=settings.style,
+                                       batch_size=settings.batch_size)
+                base_acc, base_degen = accuracy(train, gens(f"{tag}__valid_none", [r.without for r in train], []))
+                best = base_acc
+                for layer in candidates:  # the authors' selection: loose accuracy on held-out prompts, filtered
+                    spec = vecs.spec(layer, mode=settings.mode, coef=settings.coef)
+                    acc, degen = accuracy(train, gens(f"{tag}__valid_L{layer}", [r.without for r in train], [spec]))
+                    kept = acc if degen <= base_degen else 0.0
+                    layer_rows.append([iid, f, layer, acc, degen, kept])
+                    if kept > best:
+                        best, chosen = kept, spec
+            for cond in CONDITIONS:
+                texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
+                specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
+                texts = gens(f"{tag}__{cond.replace('+', '_')}", texts_in, specs)
+                for r, t in zip(test, texts, strict=True):
+                    s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                    results.append([r.key, iid, f, chosen.layer if chosen is not None else -1, cond,
+                                    int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
+    header = ["key", "instruction_id", "fold", "layer", "condition", "strict", "loose", "repetition", "response"]
+    store.write_csv("results.csv", header, results)
+    store.write_csv("layers.csv", ["instruction_id", "fold", "layer", "loose", "degenerate_share", "kept_loose"],
+                    layer_rows)
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
+               "candidates": candidates, "by_instruction": {}, "overall": {}}
+    for iid in [*sorted(by_id), None]:
+        sel = [r for r in results if iid is None or r[1] == iid]
+        entry = {c: {"n": sum(r[4] == c for r in sel),
+                     "strict": sum(r[5] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel)),
+                     "loose": sum(r[6] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel))}
+                 for c in CONDITIONS}
+        if iid is None:
+            summary["overall"] = entry
+        else:
+            summary["by_instruction"][iid] = entry
+    store.write_json("summary.json", summary)
+    store.save_figure("conditions", figures.steering_conditions(summary, metric="strict"))
+    if layer_rows:
+        store.save_figure("layers", figures.layer_sweep(layer_rows))
+    store.finish()
+    return summary
+
+
+# ----------------------------------------------------------------------------------- word inclusion and exclusion
+
+KEYWORD_DATA = FORMAT_DATA.parent
+KEYWORD_INSTRUCTION = 'Make sure that the word "{word}" is included in the output.'
+
+
+@dataclass
+class KeywordSettings:
+    """Stolfo's word experiments: a vector per word from (question + inclusion instruction, question) pairs;
+    inclusion steers with +coef, exclusion with the inclusion vector at -coef; no instruction in the prompts."""
+
+    model: str = "toy"
+    task: str = "include"
+    """include (keywords:existence, 86 prompts) or exclude (keywords:forbidden_words, 117 prompts)."""
+    layer: int | None = None
+    """Steered layer; None: two thirds of the way up."""
+    coef: float = 40.0
+    """The multiple of u added (subtracted for exclusion)."""
+    n_pairs: int = 20
+    """Validation questions per word vector."""
+    limit: int | None = None
+    """Only the first N test prompts."""
+    max_new_tokens: int = 96
+    style: str = "auto"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.task not in ("include", "exclude"):
+            raise OlmoIVError(f"task={self.task!r}: use include or exclude")
+        check_range("coef", self.coef)
+        check_range("n_pairs", self.n_pairs, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            check_range("limit", self.limit, 1)
+
+
+def run_keywords(settings: KeywordSettings, out: str | Path, *, overwrite: bool = False,
+                 progress: ProgressFn | None = None) -> dict:
+    """No instruction vs no instruction + steering, per prompt, judged strictly by the IFEval checker."""
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.generate import encode
+
+    path = KEYWORD_DATA / f"ifeval_single_keyword_{settings.task}.jsonl"
+    rows = read_format_rows(path)[: settings.limit]
+    questions = [r["question"] for _, r in read_jsonl(KEYWORD_DATA / "inclusion_validation.jsonl", "data")]
+    store = RunStore.open(out, f"steer-keywords-{settings.task}", asdict(settings), models=[settings.model],
+                          overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    layer = settings.layer if settings.layer is not None else (2 * model.config.n_layers) // 3
+    sign = 1.0 if settings.task == "include" else -1.0
+    results = []
+    for r in rows:
+        word = r.kwargs["keywords"][0] if settings.task == "include" else r.kwargs["forbidden_words"][0]
+        unit = f"row_{r.key}"
+        if not store.done(unit):
+            pairs = [(f"{q} {KEYWORD_INSTRUCTION.format(word=word)}", q) for q in questions[: settings.n_pairs]]
+            vecs = compute_vectors(model, pairs, style=settings.style, batch_size=settings.batch_size)
+            ids = [encode(model.tokenizer, format_prompt(model, r.without, style=settings.style))]
+            texts = {}
+            for cond, specs in (("no_instruction", []),
+                                ("no_instruction+steer", [vecs.spec(layer, mode="add", coef=sign * settings.coef)])):
+                new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens)
+                texts[cond] = model.tokenizer.decode(new[0])
+            store.complete(unit, {"texts.json": texts})
+        texts = store.read_json(unit, "texts.json")
+        for cond, text in texts.items():
+            s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), text)
+            results.append([r.key, word, cond, int(s.strict[0]), int(s.loose[0]), round(repetition(text), 4), text])
+        if progress is not None:
+            progress(settings.task, 1, len(rows))
+    store.write_csv("results.csv", ["key", "word", "condition", "strict", "loose", "repetition", "response"], results)
+    summary = {"settings": asdict(settings), "layer": layer, "checkpoints": store.checkpoints, "versions": versions(),
+               "n": len(rows),
+               "strict": {c: sum(x[3] for x in results if x[2] == c) / len(rows)
+                          for c in ("no_instruction", "no_instruction+steer")}}
+    store.write_json("summary.json", summary)
+    store.finish()
+    return summary
