@@ -17,6 +17,7 @@ from olmo_iv.cli import (  # noqa: F401  (registers the commands)
     sae,
     stats,
     steer,
+    sweep,
     tasks,
     train_steer_toy,
     train_toy,

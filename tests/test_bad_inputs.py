@@ -72,6 +72,10 @@ CASES = [
     (["train-toy", "--which", "x"], "--which 'x'"),
     (["train-toy", "--steps", "0"], "--steps 0"),
     (["--threads", "0", "tasks"], "--threads 0"),
+    (["sweep", "{tmp}/none.toml"], "no such spec file"),
+    (["sweep", "{file}"], "give a .toml, .yaml or .yml file"),
+    (["sweep", "{file}", "--max-retries", "-1"], "--max-retries -1: give a value in [0, inf)"),
+    (["sweep", "{file}", "--ray", "auto", "--cpus-per-unit", "0"], "--cpus-per-unit 0"),
 ]
 
 

@@ -31,6 +31,7 @@ from olmo_iv.progress import ProgressFn
 from olmo_iv.runs import figures
 from olmo_iv.runs.store import RunStore, slug
 from olmo_iv.runs.tables import COLUMNS, fmt_float
+from olmo_iv.runs.units import RunKind, Unit, run_in_process
 
 PART_SIZE = 25
 DEFAULT_TASKS = ["adjectives/adj_comp", "adjectives/adj_ant", "animals/anim_color", "animals/can_fly"]
@@ -129,50 +130,52 @@ def run_patching(settings: PatchSettings, out: str | Path, *, overwrite: bool = 
     `progress(task, advance, total)` is called as rows finish. Returns the summary dict.
     """
     store = RunStore.open(out, "patching", asdict(settings), models=settings.models, overwrite=overwrite)
-    dtype = getattr(torch, settings.dtype)
-    timings: dict[str, float] = {}
     started = time.perf_counter()
-    order: list[str] = []
+    units = plan(settings)
+    timings = run_in_process(PATCHING, store, settings, units, progress=progress)
+    timings["total (this invocation)"] = round(time.perf_counter() - started, 3)
+    return merge(store, settings, units, timings)
+
+
+def plan(settings: PatchSettings) -> list[Unit]:
+    """One unit per (model, task, target position, part of PART_SIZE samples), in the order patching.csv lists
+    them: grouped by model, so a worker loads each model once."""
+    units = []
     for model_name in settings.models:
-        model = None
         for task in settings.tasks:
-            samples = task_registry.samples(task, mode=settings.mode, n=settings.samples, seed=settings.sample_seed)
-            if not samples:
+            n = len(task_registry.samples(task, mode=settings.mode, n=settings.samples, seed=settings.sample_seed))
+            if not n:
                 raise OlmoIVError(f"task {task} has no samples")
             for pos_label in settings.target_pos:
-                chunks = [samples[k : k + PART_SIZE] for k in range(0, len(samples), PART_SIZE)]
-                for k, chunk in enumerate(chunks):
-                    unit = f"{slug(model_name)}__{slug(task)}__pos{slug(pos_label)}__{k:04d}"
-                    order.append(unit)
-                    if store.done(unit):
-                        if progress:
-                            progress(f"{task} (done)", 0, 0)
-                        continue
-                    if model is None:
-                        t0 = time.perf_counter()
-                        model = load(model_name, dtype=dtype, device=settings.device)
-                        if model.tokenizer is None:
-                            raise OlmoIVError(f"model {model_name!r} has no tokenizer.json: patching needs it to "
-                                              "build prompts")
-                        timings[f"load {model_name}"] = round(time.perf_counter() - t0, 3)
-                    t0 = time.perf_counter()
-                    encoded = task_registry.encode(chunk, model.tokenizer)
-                    sets = _layer_sets(settings, model.config.n_layers)
-                    positions = [_position(pos_label, e) for e in encoded]
-                    total = len(samples) * len(sets)
-                    report = (lambda _, n, __, task=task, total=total: progress(task, n, total)) if progress else None
-                    result = patch_layers(
-                        model, [torch.tensor(e.source_ids) for e in encoded], [torch.tensor(e.target_ids) for e in encoded],
-                        [e.answer_id for e in encoded], sets, source_pos=-1, target_pos=positions,
-                        max_rank=settings.max_rank, rr_sentinel=settings.rr_sentinel,
-                        cleans=[torch.tensor(e.clean_ids) for e in encoded], progress=report)
-                    rows = _part_rows(model_name, task, settings, encoded, result, pos_label)
-                    store.complete(unit, {"rows.csv": _csv_text(rows)})
-                    key = f"patch {model_name} {task} pos {pos_label}"
-                    timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 3)
-        del model
-    timings["total (this invocation)"] = round(time.perf_counter() - started, 3)
-    return finish(store, settings, order, timings)
+                for k, start in enumerate(range(0, n, PART_SIZE)):
+                    units.append(Unit(f"{slug(model_name)}__{slug(task)}__pos{slug(pos_label)}__{k:04d}", model_name,
+                                      task, f"patch {model_name} {task} pos {pos_label}",
+                                      {"task": task, "pos": pos_label, "start": start}))
+    return units
+
+
+def load_model(settings: PatchSettings, model_name: str, device: str):
+    model = load(model_name, dtype=getattr(torch, settings.dtype), device=device)
+    if model.tokenizer is None:
+        raise OlmoIVError(f"model {model_name!r} has no tokenizer.json: patching needs it to build prompts")
+    return model
+
+
+def do(settings: PatchSettings, unit: Unit, model, progress: ProgressFn | None = None) -> dict[str, str]:
+    """Patch one part's samples at every layer set: the unit's rows.csv."""
+    task, pos_label, start = unit.data["task"], unit.data["pos"], unit.data["start"]
+    samples = task_registry.samples(task, mode=settings.mode, n=settings.samples, seed=settings.sample_seed)
+    encoded = task_registry.encode(samples[start : start + PART_SIZE], model.tokenizer)
+    sets = _layer_sets(settings, model.config.n_layers)
+    positions = [_position(pos_label, e) for e in encoded]
+    total = len(samples) * len(sets)
+    report = (lambda _, n, __: progress(task, n, total)) if progress else None
+    result = patch_layers(
+        model, [torch.tensor(e.source_ids) for e in encoded], [torch.tensor(e.target_ids) for e in encoded],
+        [e.answer_id for e in encoded], sets, source_pos=-1, target_pos=positions,
+        max_rank=settings.max_rank, rr_sentinel=settings.rr_sentinel,
+        cleans=[torch.tensor(e.clean_ids) for e in encoded], progress=report)
+    return {"rows.csv": _csv_text(_part_rows(unit.model, task, settings, encoded, result, pos_label))}
 
 
 def _layer_sets(settings: PatchSettings, n_layers: int) -> list[tuple[int, ...]]:
@@ -188,9 +191,9 @@ def _position(label: str, enc) -> int:
     return pos if pos >= 0 else len(enc.target_ids) + pos
 
 
-def finish(store: RunStore, settings: PatchSettings, order: list[str], timings: dict[str, float]) -> dict:
+def merge(store: RunStore, settings: PatchSettings, units: list[Unit], timings: dict[str, float]) -> dict:
     """Assemble patching.csv from the units in their fixed order, then summary.json and the heatmaps."""
-    text = ",".join(COLUMNS) + "\n" + "".join(store.read(unit, "rows.csv") for unit in order)
+    text = ",".join(COLUMNS) + "\n" + "".join(store.read(unit.id, "rows.csv") for unit in units)
     store.write_text("patching.csv", text)
     table = _read(store.path("patching.csv"))
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "timings_s": timings,
@@ -295,3 +298,8 @@ def heatmap_panels(table: dict[str, np.ndarray], metric: str, pos: str) -> dict[
             grid[i, j] = v
         panels[(m, t)] = grid
     return panels
+
+
+PATCHING = RunKind(name="patch", store_kind="patching", settings_type=PatchSettings, plan=plan, load=load_model,
+                   do=do, merge=merge, models=lambda s: list(s.models), dtype=lambda s: s.dtype)
+"""Patching's plan/do/merge, for `run_patching` and for sweeps."""

@@ -20,6 +20,7 @@ from olmo_iv.progress import ProgressFn
 from olmo_iv.runs import figures
 from olmo_iv.runs.store import RunStore
 from olmo_iv.runs.tables import fmt_float
+from olmo_iv.runs.units import RunKind, Unit, run_in_process
 
 
 @dataclass
@@ -70,37 +71,51 @@ def run_paths(settings: PathRunSettings, out: str | Path, *, overwrite: bool = F
     """Trace every sample of a task (one unit each: paths.csv and result.json); then the aggregates and Figures
     4 and 5. `progress(label, advance, total)` reports paths."""
     store = RunStore.open(out, "path-tracing", asdict(settings), models=[settings.model], overwrite=overwrite)
-    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
-    model, encoded, timings = None, None, {}
     started = time.perf_counter()
-    for k, sample in enumerate(samples):
-        unit = f"{sample.index:04d}"
-        if store.done(unit):
-            continue
-        if model is None:
-            t0 = time.perf_counter()
-            model = load(settings.model, dtype=torch.float32, device=settings.device)
-            if model.tokenizer is None:
-                raise OlmoIVError(f"model {settings.model!r} has no tokenizer.json: path tracing needs it to build prompts")
-            encoded = task_registry.encode(samples, model.tokenizer)
-            _check_head_tokens(settings, min(len(e.clean_ids) for e in encoded))
-            timings["load"] = round(time.perf_counter() - t0, 3)
-        enc = encoded[k]
-        t0 = time.perf_counter()
-        label = f"sample {k + 1}/{len(samples)}"
-        report = (lambda _, n, total, label=label: progress(label, n, total)) if progress else None
-        result = trace(model, torch.tensor(enc.clean_ids), enc.answer_id, settings.trace, progress=report)
-        kept = result.kept_per_source().tolist()
-        act = result.head_activity()
-        store.complete(unit, {"paths.csv": _paths_csv(result), "result.json": {
-            "index": sample.index, "query": sample.query, "answer": sample.answer, "answer_id": enc.answer_id,
-            "prompt": sample.clean, "ids": list(enc.clean_ids),
-            "tokens": [model.tokenizer.decode([i]) for i in enc.clean_ids], "t_inst": enc.t_inst,
-            "sentence_ends": list(enc.sentence_ends), "sources": result.sources, "total_paths": result.total,
-            "kept_paths": kept, "model_rank": result.model_rank, "model_logit": result.model_logit,
-            "head_activity": {str(t): act[t].tolist() for t in range(len(kept)) if kept[t]},
-            "seconds": round(time.perf_counter() - t0, 3)}})
+    units = plan(settings)
+    timings = run_in_process(PATHS, store, settings, units, progress=progress)
     timings["total (this invocation)"] = round(time.perf_counter() - started, 3)
+    return merge(store, settings, units, timings)
+
+
+def plan(settings: PathRunSettings) -> list[Unit]:
+    """One unit per sample, in sample order."""
+    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
+    return [Unit(f"{s.index:04d}", settings.model, f"sample {k + 1}/{len(samples)}", "trace", {"k": k})
+            for k, s in enumerate(samples)]
+
+
+def load_model(settings: PathRunSettings, model_name: str, device: str):
+    model = load(model_name, dtype=torch.float32, device=device)
+    if model.tokenizer is None:
+        raise OlmoIVError(f"model {model_name!r} has no tokenizer.json: path tracing needs it to build prompts")
+    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
+    _check_head_tokens(settings, min(len(e.clean_ids) for e in task_registry.encode(samples, model.tokenizer)))
+    return model
+
+
+def do(settings: PathRunSettings, unit: Unit, model, progress: ProgressFn | None = None) -> dict:
+    """Trace one sample: its paths.csv and result.json."""
+    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
+    sample = samples[unit.data["k"]]
+    enc = task_registry.encode([sample], model.tokenizer)[0]
+    t0 = time.perf_counter()
+    report = (lambda _, n, total: progress(unit.label, n, total)) if progress else None
+    result = trace(model, torch.tensor(enc.clean_ids), enc.answer_id, settings.trace, progress=report)
+    kept = result.kept_per_source().tolist()
+    act = result.head_activity()
+    return {"paths.csv": _paths_csv(result), "result.json": {
+        "index": sample.index, "query": sample.query, "answer": sample.answer, "answer_id": enc.answer_id,
+        "prompt": sample.clean, "ids": list(enc.clean_ids),
+        "tokens": [model.tokenizer.decode([i]) for i in enc.clean_ids], "t_inst": enc.t_inst,
+        "sentence_ends": list(enc.sentence_ends), "sources": result.sources, "total_paths": result.total,
+        "kept_paths": kept, "model_rank": result.model_rank, "model_logit": result.model_logit,
+        "head_activity": {str(t): act[t].tolist() for t in range(len(kept)) if kept[t]},
+        "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def merge(store: RunStore, settings: PathRunSettings, units: list[Unit], timings: dict) -> dict:
+    samples = task_registry.samples(settings.task, mode=settings.prompt_mode, n=settings.samples)
     return finish(store, settings, samples, timings)
 
 
@@ -149,3 +164,8 @@ def finish(store: RunStore, settings: PathRunSettings, samples, timings: dict) -
     store.write_json("summary.json", summary)
     store.finish()
     return summary
+
+
+PATHS = RunKind(name="paths", store_kind="path-tracing", settings_type=PathRunSettings, plan=plan, load=load_model,
+                do=do, merge=merge, models=lambda s: [s.model])
+"""Path tracing's plan/do/merge, for `run_paths` and for sweeps."""

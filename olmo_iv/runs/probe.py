@@ -25,6 +25,7 @@ from olmo_iv.loading import load
 from olmo_iv.progress import ProgressFn
 from olmo_iv.runs import figures
 from olmo_iv.runs.store import RunStore, slug
+from olmo_iv.runs.units import RunKind, Unit, run_in_process
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -83,22 +84,40 @@ class ProbeRun:
 def run_probe(settings: ProbeRunSettings, out: str | Path, *, overwrite: bool = False,
               progress: ProgressFn | None = None) -> ProbeRun:
     store = RunStore.open(out, "probe", asdict(settings), models=settings.models, overwrite=overwrite)
+    units = plan(settings)
+    run_in_process(PROBE, store, settings, units, progress=progress)
+    return finish(store, settings, units, progress)
+
+
+def plan(settings: ProbeRunSettings) -> list[Unit]:
+    """One unit per model: its instruction vectors."""
+    return [Unit(slug(m), m, "instruction vectors") for m in settings.models]
+
+
+def load_model(settings: ProbeRunSettings, model_name: str, device: str):
+    net = load(model_name, dtype=getattr(torch, settings.dtype), device=device)
+    if not 0 <= settings.lda_layer < net.config.n_layers:
+        raise OlmoIVError(f"lda_layer={settings.lda_layer} is outside [0, {net.config.n_layers}) for {model_name}")
+    return net
+
+
+def do(settings: ProbeRunSettings, unit: Unit, net, progress: ProgressFn | None = None) -> dict[str, bytes]:
+    """One model's instruction vectors of every task: vectors.npz."""
+    vs = task_vectors(net, settings.tasks, batch_size=settings.batch_size, progress=progress)
+    return {"vectors.npz": _npz(X=vs.X, labels=vs.labels, texts=np.array(vs.texts), index=vs.index)}
+
+
+def finish(store: RunStore, settings: ProbeRunSettings, units: list[Unit],
+           progress: ProgressFn | None = None) -> ProbeRun:
+    """The probes and the LDA from every model's vectors: probe.csv, lda.csv, probe.json and the figures."""
     cfg = settings.probe
     probes: dict[str, list[ProbeResult]] = {}
     ldas: dict[str, LdaResult] = {}
     names: dict[str, str] = {}
     index: dict[str, np.ndarray] = {}
-    for m in settings.models:
-        unit = slug(m)
-        if not store.done(unit):
-            net = load(m, dtype=getattr(torch, settings.dtype), device=settings.device)
-            if not 0 <= settings.lda_layer < net.config.n_layers:
-                raise OlmoIVError(f"lda_layer={settings.lda_layer} is outside [0, {net.config.n_layers}) for {m}")
-            vs = task_vectors(net, settings.tasks, batch_size=settings.batch_size, progress=progress)
-            store.complete(unit, {"vectors.npz": _npz(X=vs.X, labels=vs.labels, texts=np.array(vs.texts),
-                                                      index=vs.index)})
-            del net
-        with np.load(store.unit_dir(unit) / "vectors.npz", allow_pickle=False) as z:
+    for unit in units:
+        m = unit.model
+        with np.load(store.unit_dir(unit.id) / "vectors.npz", allow_pickle=False) as z:
             X, labels, texts, idx = z["X"], z["labels"], z["texts"], z["index"]
         if settings.save_vectors:
             store.write_bytes(f"vectors_{Path(m).name}.npz", _npz(X=X, labels=labels, texts=texts, index=idx))
@@ -129,3 +148,9 @@ def run_probe(settings: ProbeRunSettings, out: str | Path, *, overwrite: bool = 
     files.append(store.write_json("probe.json", meta))
     store.finish()
     return ProbeRun(probes, ldas, names, files)
+
+
+PROBE = RunKind(name="probe", store_kind="probe", settings_type=ProbeRunSettings, plan=plan, load=load_model, do=do,
+                merge=lambda store, settings, units, timings: finish(store, settings, units),
+                models=lambda s: list(s.models), dtype=lambda s: s.dtype, summary_file="probe.json")
+"""Probing's plan/do/merge, for `run_probe` and for sweeps."""
