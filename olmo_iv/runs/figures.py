@@ -30,6 +30,8 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
         target = path.with_suffix(f".{fmt}")
         atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, dpi=DPI, format=fmt))
         written.append(target)
+        # the layout was solved for the first file; the second keeps it instead of solving it again
+        fig.set_layout_engine("none")
     return written
 
 
