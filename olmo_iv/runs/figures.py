@@ -48,13 +48,13 @@ def display_model(model: str) -> str:
 
 
 def pair_heatmaps(panels: dict[tuple[str, str], np.ndarray], *, title: str, label: str, shared_scale: bool = False,
-                  values: bool | None = None) -> Figure:
+                  values: bool = False) -> Figure:
     """L x L heatmaps, one panel per (model, task) (paper Figures 2, 6-11).
 
     Cell [i][j] (i < j) is the mean over samples for the pair (i, j); the diagonal (outlined) holds the single
     layers. Cells that were not computed are grey and hatched, so they never look like a zero. Each panel has its
-    own colour scale, centred on zero (shared_scale=True: one scale for all, and the figure says so). values: write
-    each cell's mean (default: when L <= 12).
+    own colour scale, centred on zero (shared_scale=True: one scale for all, and the figure says so). values=True
+    writes each cell's mean in it (off by default: it costs as much time as the rest of the figure).
     """
     models = list(dict.fromkeys(m for m, _ in panels))
     tasks = list(dict.fromkeys(t for _, t in panels))
@@ -81,7 +81,7 @@ def pair_heatmaps(panels: dict[tuple[str, str], np.ndarray], *, title: str, labe
                 if np.isfinite(grid[k, k]):
                     ax.add_patch(matplotlib.patches.Rectangle((k - 0.5, k - 0.5), 1, 1, fill=False, lw=0.8,
                                                               edgecolor="black", zorder=2))
-            if values if values is not None else n <= 12:
+            if values:
                 for (i, j), v in np.ndenumerate(grid):
                     if np.isfinite(v):
                         ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5.5, zorder=3,
