@@ -45,6 +45,7 @@ from olmo_iv.toy.train import (
     _save_ckpt,
     build_model,
     lr_at,
+    optimizer_step,
     size_mb,
     train_tokenizer,
 )
@@ -379,16 +380,7 @@ def train(cfg: SteerConfig, split: Split | None = None, *, ckpt_dir: Path | None
         loss = F.cross_entropy(logits, ids[:, 1:][keep])
         if log is not None and (step % 50 == 0 or step + 1 == stop):
             log(step, loss.item())
-        if not torch.isfinite(loss):
-            raise OlmoIVError(f"the training loss is {loss.item()} at step {step}: lower lr= or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress is not None:
-            progress(label, 1, cfg.steps)
-        if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
-            _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
+        optimizer_step(cfg, model, opt, loss, step, stop, label=label, progress=progress, ckpt_dir=ckpt_dir)
     if ckpt_dir is not None and stop < cfg.steps:
         _save_ckpt(ckpt_dir, cfg, model, opt, stop)
     return model.eval().requires_grad_(False)

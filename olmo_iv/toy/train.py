@@ -380,19 +380,26 @@ def train(cfg: ToyConfig, data: ToyData | None = None, *, ckpt_dir: Path | None 
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         loss = loss_of(model, batch(cfg, enc, data, step, picks))
-        if not torch.isfinite(loss):
-            raise OlmoIVError(f"the training loss is {loss.item()} at step {step}: lower lr= or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress is not None:
-            progress(label, 1, cfg.steps)
-        if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
-            _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
+        optimizer_step(cfg, model, opt, loss, step, stop, label=label, progress=progress, ckpt_dir=ckpt_dir)
     if ckpt_dir is not None and stop < cfg.steps:
         _save_ckpt(ckpt_dir, cfg, model, opt, stop)
     return model.eval().requires_grad_(False)
+
+
+def optimizer_step(cfg, model: OLMo2, opt: torch.optim.Optimizer, loss: Tensor, step: int, stop: int, *, label: str,
+                   progress: ProgressFn | None, ckpt_dir: Path | None) -> None:
+    """One step of a toy's training (both toys share it): refuse a non-finite loss, clip at 1, step, report, and
+    write a resumable checkpoint every cfg.ckpt_every steps."""
+    if not torch.isfinite(loss):
+        raise OlmoIVError(f"the training loss is {loss.item()} at step {step}: lower lr= or check the data")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if progress is not None:
+        progress(label, 1, cfg.steps)
+    if ckpt_dir is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < stop:
+        _save_ckpt(ckpt_dir, cfg, model, opt, step + 1)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
