@@ -66,6 +66,8 @@ def test_surrogates_exact_at_the_observed_point(which, tiny_model, gqa_relu_mode
         torch.testing.assert_close(obs.amax[layer], pat.max(-1).values)
     torch.testing.assert_close(sur.s_fin * obs.x_fin[-1], cache["ln_final.hook_normalized"][0, -1], **TOL)
     torch.testing.assert_close(obs.logits, logits[0, -1], **TOL)
+    errors = P.surrogate_errors(model, obs, sur)  # the library's own check, which path-tracing runs record
+    assert set(errors) == {"attn_norm", "mlp_norm", "frozen_mlp", "final_norm"} and max(errors.values()) <= 1e-5
 
 
 def _random_graph(L: int, H: int, T: int, seed: int) -> P.AttnGraph:

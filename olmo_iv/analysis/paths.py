@@ -32,7 +32,7 @@ from torch import Tensor
 
 from olmo_iv.activations import answer_rank, locate_nonfinite
 from olmo_iv.errors import OlmoIVError, check_range
-from olmo_iv.kernels import norm_scale, path_step
+from olmo_iv.kernels import frozen_mlp, norm_scale, path_step
 from olmo_iv.model import OLMo2
 from olmo_iv.progress import ProgressFn
 
@@ -180,6 +180,26 @@ def linearize(model: OLMo2, obs: Observation) -> Surrogates:
         act = F.silu if model.config.hidden_act == "silu" else F.relu
         s_fin = norm_scale(obs.x_fin[-1:], model.ln_final.weight, eps)[0]
         return Surrogates(s_att, s_mlp, act(obs.gate), s_fin)
+
+
+@torch.no_grad()
+def surrogate_errors(model: OLMo2, obs: Observation, sur: Surrogates) -> dict[str, float]:
+    """How exact the surrogates are at the observed point: the largest |surrogate - model| of each, over every
+    layer and token (fp32: about 1e-6). The norms as diagonals (after attention, after the MLP, final) and the MLP
+    with its gate frozen (`olmo_iv::frozen_mlp`) against the model's own hook values."""
+    L, T = model.config.n_layers, len(obs.ids)
+    names = ["ln_final.hook_normalized"] + [f"blocks.{i}.{n}" for i in range(L)
+                                            for n in ("hook_attn_out", "hook_resid_mid", "mlp.hook_out", "hook_mlp_out")]
+    _, cache = model.run_with_cache(obs.ids[None], names=names)
+    err = {"attn_norm": 0.0, "mlp_norm": 0.0, "frozen_mlp": 0.0, "final_norm": 0.0}
+    for i, b in enumerate(model.blocks):
+        err["attn_norm"] = max(err["attn_norm"], float((sur.s_att[i] * obs.y_att[i] - cache[names[1 + 4 * i]][0]).abs().max()))
+        err["mlp_norm"] = max(err["mlp_norm"], float((sur.s_mlp[i] * obs.y_mlp[i] - cache[names[4 + 4 * i]][0]).abs().max()))
+        m = frozen_mlp(cache[names[2 + 4 * i]][0], torch.arange(T, device=obs.ids.device), sur.act_g[i],
+                       b.mlp.up_proj.weight, b.mlp.down_proj.weight)
+        err["frozen_mlp"] = max(err["frozen_mlp"], float((m - cache[names[3 + 4 * i]][0]).abs().max()))
+    err["final_norm"] = float((sur.s_fin * obs.x_fin[-1] - cache[names[0]][0, -1]).abs().max())
+    return err
 
 
 def layer_weights(model: OLMo2, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

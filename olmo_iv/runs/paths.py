@@ -12,7 +12,16 @@ import numpy as np
 import torch
 
 from olmo_iv import tasks as task_registry
-from olmo_iv.analysis.paths import PathConfig, PathResult, mean_head_activity, mean_kept_per_token, trace
+from olmo_iv.analysis.paths import (
+    PathConfig,
+    PathResult,
+    linearize,
+    mean_head_activity,
+    mean_kept_per_token,
+    observe,
+    surrogate_errors,
+    trace,
+)
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.io import versions
 from olmo_iv.loading import load
@@ -102,6 +111,8 @@ def do(settings: PathRunSettings, unit: Unit, model, progress: ProgressFn | None
     t0 = time.perf_counter()
     report = (lambda _, n, total: progress(unit.label, n, total)) if progress else None
     result = trace(model, torch.tensor(enc.clean_ids), enc.answer_id, settings.trace, progress=report)
+    obs = observe(model, torch.tensor(enc.clean_ids))  # recorded with the sample: how exact its surrogates are
+    errors = surrogate_errors(model, obs, linearize(model, obs))
     kept = result.kept_per_source().tolist()
     act = result.head_activity()
     return {"paths.csv": _paths_csv(result), "result.json": {
@@ -111,7 +122,7 @@ def do(settings: PathRunSettings, unit: Unit, model, progress: ProgressFn | None
         "sentence_ends": list(enc.sentence_ends), "sources": result.sources, "total_paths": result.total,
         "kept_paths": kept, "model_rank": result.model_rank, "model_logit": result.model_logit,
         "head_activity": {str(t): act[t].tolist() for t in range(len(kept)) if kept[t]},
-        "seconds": round(time.perf_counter() - t0, 3)}}
+        "surrogate_max_error": errors, "seconds": round(time.perf_counter() - t0, 3)}}
 
 
 def merge(store: RunStore, settings: PathRunSettings, units: list[Unit], timings: dict) -> dict:
