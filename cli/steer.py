@@ -142,3 +142,33 @@ def keywords(
     con.print(f"{task}, layer {summary['layer']}, n={summary['n']}: strict accuracy without steering "
               f"{100 * summary['strict']['no_instruction']:.1f}%, with {100 * summary['strict']['no_instruction+steer']:.1f}%")
     con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")
+
+
+@steer_app.command("length")
+def length(
+    model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
+    layer: int = typer.Option(None, help="Steered layer (default: two thirds of the way up)."),
+    coef: float = typer.Option(20.0, help="Multiple of the conciseness vector added (Stolfo: 20)."),
+    n_pairs: int = typer.Option(50, help="Queries for the vector."),
+    n_test: int = typer.Option(50, help="Held-out queries for the test."),
+    max_sentences: int = typer.Option(5, help="Test 'at most N sentences' for N = 1..this."),
+    max_new_tokens: int = typer.Option(128, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    out: Path = out_option("runs/steer-length"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's length experiment: a conciseness vector added while the prompt asks for at most N sentences."""
+    from olmo_iv.runs.steer import LengthSettings, run_length
+
+    con = console()
+    settings = LengthSettings(model=model, layer=layer, coef=coef, n_pairs=n_pairs, n_test=n_test,
+                              max_sentences=max_sentences, max_new_tokens=max_new_tokens, style=style,
+                              device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_length(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    for key, e in summary["by_condition"].items():
+        con.print(f"at most {key}: strict {100 * e['strict']:.0f}%, {e['mean_sentences']:.1f} sentences, "
+                  f"{e['mean_words']:.0f} words (n={e['n']})")
+    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")

@@ -197,3 +197,12 @@ def test_keyword_experiments_run(tmp_path, task):
                            tmp_path / task)
     assert summary["n"] == 2 and set(summary["strict"]) == {"no_instruction", "no_instruction+steer"}
     assert (tmp_path / task / "results.csv").exists()
+
+
+def test_length_experiment_runs(tmp_path):
+    from olmo_iv.runs.steer import LengthSettings, run_length
+
+    s = run_length(LengthSettings(model="toy", n_pairs=3, n_test=2, max_sentences=2, max_new_tokens=6, coef=5.0),
+                   tmp_path / "len")
+    assert set(s["by_condition"]) == {"1/instruction", "1/instruction+steer", "2/instruction", "2/instruction+steer"}
+    assert all(e["n"] == 2 and 0 <= e["strict"] <= 1 for e in s["by_condition"].values())

@@ -455,3 +455,86 @@ def run_keywords(settings: KeywordSettings, out: str | Path, *, overwrite: bool 
     store.write_json("summary.json", summary)
     store.finish()
     return summary
+
+
+# --------------------------------------------------------------------------------------------------- length
+
+LENGTH_QUERIES = KEYWORD_DATA / "ifeval_wo_instructions.jsonl"
+CONCISE = "Answer extremely concisely."
+
+
+@dataclass
+class LengthSettings:
+    """Stolfo's length experiment: a conciseness vector from (query + a vague conciseness phrase, query) pairs,
+    added while the prompt asks for at most N sentences (N = 1..5), on held-out queries."""
+
+    model: str = "toy"
+    layer: int | None = None
+    """Steered layer; None: two thirds of the way up."""
+    coef: float = 20.0
+    """The multiple of the conciseness vector added (Stolfo: 20)."""
+    n_pairs: int = 50
+    """Queries for the vector (the first ones); the test uses the next `n_test`."""
+    n_test: int = 50
+    max_sentences: int = 5
+    max_new_tokens: int = 128
+    style: str = "auto"
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_range("coef", self.coef)
+        check_range("n_pairs", self.n_pairs, 1)
+        check_range("n_test", self.n_test, 1)
+        check_range("max_sentences", self.max_sentences, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
+
+def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Per N: IFEval `length_constraints:number_sentences` (fewer than N + 1, i.e. at most N) strict accuracy and
+    the mean sentence and word counts, with and without the conciseness vector."""
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.evals.ifeval import check_instruction
+    from olmo_iv.evals.ifeval.text import count_sentences, count_words
+    from olmo_iv.generate import encode
+
+    queries = [r["model_output"].strip() for _, r in read_jsonl(LENGTH_QUERIES, "data") if r.get("model_output")]
+    if len(queries) < settings.n_pairs + settings.n_test:
+        raise OlmoIVError(f"n_pairs={settings.n_pairs} + n_test={settings.n_test} exceed the {len(queries)} queries")
+    train, test = queries[: settings.n_pairs], queries[settings.n_pairs : settings.n_pairs + settings.n_test]
+    store = RunStore.open(out, "steer-length", asdict(settings), models=[settings.model], overwrite=overwrite)
+    model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    layer = settings.layer if settings.layer is not None else (2 * model.config.n_layers) // 3
+    vecs = compute_vectors(model, [(f"{q} {CONCISE}", q) for q in train], style=settings.style,
+                           batch_size=settings.batch_size)
+    spec = vecs.spec(layer, mode="add", coef=settings.coef)
+    rows, summary_rows = [], {}
+    for n in range(1, settings.max_sentences + 1):
+        prompts = [f"{q} Answer using at most {n} sentence{'s' if n > 1 else ''}." for q in test]
+        for cond, specs in (("instruction", []), ("instruction+steer", [spec])):
+            unit = f"n{n}_{cond.replace('+', '_')}"
+            if not store.done(unit):
+                ids = [encode(model.tokenizer, format_prompt(model, p, style=settings.style)) for p in prompts]
+                new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size)
+                store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
+            texts = store.read_json(unit, "texts.json")
+            ok = [check_instruction("length_constraints:number_sentences", t,
+                                    {"num_sentences": n + 1, "relation": "less than"}) for t in texts]
+            sentences = [count_sentences(t) for t in texts]
+            words = [count_words(t) for t in texts]
+            summary_rows[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
+                                           "mean_sentences": sum(sentences) / len(texts),
+                                           "mean_words": sum(words) / len(texts)}
+            rows += [[n, cond, int(o), s, w, t] for o, s, w, t in zip(ok, sentences, words, texts, strict=True)]
+            if progress is not None:
+                progress("length", 1, 2 * settings.max_sentences)
+    store.write_csv("results.csv", ["max_sentences", "condition", "strict", "sentences", "words", "response"], rows)
+    summary = {"settings": asdict(settings), "layer": layer, "checkpoints": store.checkpoints, "versions": versions(),
+               "by_condition": summary_rows}
+    store.write_json("summary.json", summary)
+    store.finish()
+    return summary
