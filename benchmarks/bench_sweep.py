@@ -80,8 +80,10 @@ def _do(settings: SpinSettings, unit: Unit, model, progress=None) -> dict[str, s
 
 def _merge(store: RunStore, settings: SpinSettings, units: list[Unit], timings: dict) -> dict:
     store.write_text("spin.csv", "unit,sum\n" + "".join(store.read(u.id, "row.csv") for u in units))
+    summary = {"files": ["spin.csv"], "timings_s": timings}
+    store.write_json("summary.json", summary)  # the sweep reads each run's own summary file
     store.finish()
-    return {"files": ["spin.csv"]}
+    return summary
 
 
 SPIN = RunKind(name="spin", store_kind="spin", settings_type=SpinSettings, plan=_plan, load=_load, do=_do,
