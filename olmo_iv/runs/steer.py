@@ -85,7 +85,25 @@ def run_vectors(settings: VectorSettings, out: str | Path, *, overwrite: bool = 
 
 
 @dataclass
-class GenerateSettings:
+class GenerationSettings:
+    """The generation settings every steering experiment shares."""
+
+    max_new_tokens: int = 64
+    """New tokens per response (a row also ends at EOS)."""
+    style: str = "auto"
+    """Prompt style (olmo_iv.chat): the model's chat template where it has one."""
+    batch_size: int = 16
+    """Prompts per batch and per unit of the run."""
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class GenerateSettings(GenerationSettings):
     """What determines a set of steered generations."""
 
     model: str = "toy"
@@ -99,22 +117,17 @@ class GenerateSettings:
     positions: str = "all"
     decay: float | None = None
     max_new_tokens: int = 64
-    style: str = "auto"
-    batch_size: int = 16
     seed: int | None = None
     """Sample with this seed instead of greedy decoding."""
     temperature: float = 1.0
     also: list[str] = field(default_factory=list)
     """More specs acting at the same time, each 'VECTORS_DIR:LAYER:MODE:COEF' (e.g. a format vector and a
     conciseness vector, composed as Stolfo et al. compose them)."""
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
-        check_range("max_new_tokens", self.max_new_tokens, 1)
-        check_range("batch_size", self.batch_size, 1)
         for text in self.also:
             _parse_also(text)
 
@@ -230,7 +243,7 @@ def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
 
 
 @dataclass
-class FormatSettings:
+class FormatSettings(GenerationSettings):
     """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
 
     model: str = "toy-steer"
@@ -246,17 +259,12 @@ class FormatSettings:
     """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
     seed: int = 0
     max_new_tokens: int = 96
-    style: str = "auto"
-    batch_size: int = 16
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
         check_range("folds", self.folds, 2)
-        check_range("max_new_tokens", self.max_new_tokens, 1)
-        check_range("batch_size", self.batch_size, 1)
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -380,7 +388,7 @@ KEYWORD_INSTRUCTION = 'Make sure that the word "{word}" is included in the outpu
 
 
 @dataclass
-class KeywordSettings:
+class KeywordSettings(GenerationSettings):
     """Stolfo's word experiments: a vector per word from (question + inclusion instruction, question) pairs;
     inclusion steers with +coef, exclusion with the inclusion vector at -coef; no instruction in the prompts."""
 
@@ -396,18 +404,13 @@ class KeywordSettings:
     limit: int | None = None
     """Only the first N test prompts."""
     max_new_tokens: int = 96
-    style: str = "auto"
-    batch_size: int = 16
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.task not in ("include", "exclude"):
             raise OlmoIVError(f"task={self.task!r}: use include or exclude")
         check_range("coef", self.coef)
         check_range("n_pairs", self.n_pairs, 1)
-        check_range("max_new_tokens", self.max_new_tokens, 1)
-        check_range("batch_size", self.batch_size, 1)
         if self.limit is not None:
             check_range("limit", self.limit, 1)
 
@@ -464,7 +467,7 @@ CONCISE = "Answer extremely concisely."
 
 
 @dataclass
-class LengthSettings:
+class LengthSettings(GenerationSettings):
     """Stolfo's length experiment: a conciseness vector from (query + a vague conciseness phrase, query) pairs,
     added while the prompt asks for at most N sentences (N = 1..5), on held-out queries."""
 
@@ -478,18 +481,13 @@ class LengthSettings:
     n_test: int = 50
     max_sentences: int = 5
     max_new_tokens: int = 128
-    style: str = "auto"
-    batch_size: int = 16
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_range("coef", self.coef)
         check_range("n_pairs", self.n_pairs, 1)
         check_range("n_test", self.n_test, 1)
         check_range("max_sentences", self.max_sentences, 1)
-        check_range("max_new_tokens", self.max_new_tokens, 1)
-        check_range("batch_size", self.batch_size, 1)
 
 
 def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = False,
