@@ -8,6 +8,18 @@ import typer
 from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console, out_option, progress_bar
 from rich.markup import escape
 
+
+def _layers(text: str | None) -> list[int] | None:
+    from olmo_iv.errors import OlmoIVError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise OlmoIVError(f"layers={text!r}: give layer numbers separated by commas, e.g. 0,2,4") from None
+
+
 steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
                         no_args_is_help=True)
 app.add_typer(steer_app, name="steer")
@@ -97,7 +109,7 @@ def format_(
 
     con = console()
     settings = FormatSettings(model=model, data=None if data is None else str(data),
-                              layers=[int(x) for x in layers.split(",")] if layers else None, mode=mode, coef=coef,
+                              layers=_layers(layers), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
                               batch_size=batch_size, device=device, dtype=dtype)
     with progress_bar(con) as bar:

@@ -111,3 +111,21 @@ def test_cli(tmp_path, checkpoint):
                                              "--samples", "3", "--layers", "1", "--mode", "reference", "--tables",
                                              "--out", str(tmp_path / "c"), "--overwrite"])
     assert tables.exit_code == 0 and "top-10 by mean rr_diff" in tables.output
+
+
+def test_verdict_interval_is_the_percentile_bootstrap_of_the_mean():
+    import numpy as np
+    from scipy import stats
+
+    from olmo_iv.runs.patch import verdict
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.4, 0.3, 100)
+    table = {"model": np.array(["m"] * 200), "task": np.array(["t"] * 200), "target_pos": np.array(["0"] * 200),
+             "layers": np.array(["0-1"] * 100 + ["0"] * 100), "rr_diff": np.concatenate([x, x - 0.2])}
+    (v,) = verdict(table, n_boot=4000)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile",
+                          random_state=np.random.default_rng(1)).confidence_interval
+    assert v["layers"] == "0-1" and v["best_single"] == "0" and v["n"] == 100
+    assert v["mean"] == pytest.approx(x.mean()) and v["best_single_mean"] == pytest.approx(x.mean() - 0.2)
+    assert (v["ci_low"], v["ci_high"]) == pytest.approx((ref.low, ref.high), abs=0.01)  # other draws: noise only

@@ -143,6 +143,29 @@ def test_extractor_equals_run_with_cache_and_stops_early(monkeypatch):
     assert tokens.shape == (sum(map(len, seqs)) - 1, 16) and ran == []
     with pytest.raises(OlmoIVError, match="position 5 is outside"):
         extract(model, seqs, positions=5)
+    # every token's activation, in row order of the length-sorted batches, equals each row run alone
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    want = []
+    for i in order:
+        _, cache = model.run_with_cache(torch.tensor([seqs[i]]), names=["blocks.0.hook_resid_post"], stop_at_layer=1)
+        want += [cache["blocks.0.hook_resid_post"][0, t] for t, tok in enumerate(seqs[i]) if tok != 9]
+    torch.testing.assert_close(tokens, torch.stack(want), rtol=0, atol=1e-5)
+
+
+def test_span_means_equal_the_mean_of_each_row_run_alone():
+    from olmo_iv.activations import extract_span_mean
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, d_mlp=32)
+    model = init_weights(OLMo2(cfg), seed=1).eval()
+    seqs, spans = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], [(1, 3), (0, 2), (2, 6)]
+    got = extract_span_mean(model, seqs, "hook_mlp_out", spans, layers=[0, 2], batch_size=2)
+    for i, (s, (a, b)) in enumerate(zip(seqs, spans)):
+        _, cache = model.run_with_cache(torch.tensor([s]), names=["blocks.0.hook_mlp_out", "blocks.2.hook_mlp_out"])
+        for k, layer in enumerate((0, 2)):
+            torch.testing.assert_close(got[i, k], cache[f"blocks.{layer}.hook_mlp_out"][0, a:b].mean(0),
+                                       rtol=0, atol=1e-5)
+    with pytest.raises(OlmoIVError, match="span"):
+        extract_span_mean(model, seqs, "hook_mlp_out", [(0, 9), (0, 1), (0, 1)])
 
 
 def test_answer_rank_refuses_nan():

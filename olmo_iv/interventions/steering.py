@@ -194,7 +194,10 @@ class SteeringVectors:
         if "u" not in t or "zbar" not in t or t["u"].dim() != 2 or t["zbar"].shape != t["u"].shape[:1]:
             raise OlmoIVError(f"{path} must hold u [n_layers, d_model] and zbar [n_layers]")
         meta_path = folder / "vectors.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise OlmoIVError(f"{meta_path} is not valid JSON ({err}): write the vectors again") from None
         return cls(t["u"].float(), t["zbar"].float(), meta)
 
 

@@ -375,5 +375,5 @@ def layer_sweep(rows: list[list]) -> Figure:
     ax.set(xlabel="steered layer", ylabel="loose accuracy without instruction (%)", ylim=(0, 105),
            title="Layer selection (solid: after the degeneration filter; dashed: before)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=6, ncols=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines reach every corner
     return fig

@@ -68,6 +68,13 @@ class VectorSettings:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        from olmo_iv.interventions.steering import VECTOR_POSITIONS
+
+        if self.position not in VECTOR_POSITIONS:
+            raise OlmoIVError(f"position={self.position!r}: use one of {', '.join(VECTOR_POSITIONS)}")
+        check_range("batch_size", self.batch_size, 1)
+
 
 def run_vectors(settings: VectorSettings, out: str | Path, *, overwrite: bool = False,
                 progress: ProgressFn | None = None) -> SteeringVectors:

@@ -175,7 +175,10 @@ class RunStore:
         if not root.is_dir():
             raise OlmoIVError(f"no such run folder: {root}")
         manifest = root / MANIFEST
-        old = json.loads(manifest.read_text()) if manifest.exists() else {}
+        try:
+            old = json.loads(manifest.read_text()) if manifest.exists() else {}
+        except json.JSONDecodeError as err:
+            raise OlmoIVError(f"{manifest} is not valid JSON ({err}): the run folder is damaged") from None
         store = cls(root, old.get("kind", "unknown"), old.get("settings", {}), old.get("checkpoints", {}),
                     list(old.get("outputs", [])))
         store._attached = manifest.exists()
