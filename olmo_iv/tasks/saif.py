@@ -270,6 +270,8 @@ def build_samples(source: str, itype: str, *, n: int, placement: str = "post", v
     `variant_names` order, when None), so every variant gets n/len(variants) samples, up to one.
 
     split="train": for scoring latents; split="test": held-out contents and phrasings, for steering evaluation.
+    Source "saif" takes every content of the split once, in a seeded order, before any repeats (n beyond the pool,
+    `saif_contents`, repeats contents with other variants); "toy-steer" draws contents as the toy does.
     """
     _check_type(source, itype)
     if isinstance(n, bool) or not isinstance(n, int):
