@@ -152,7 +152,22 @@ def detect_language(text: str) -> str | None:
         return None
 
 
+@lru_cache(maxsize=4096)
+def language_probabilities(text: str) -> tuple[tuple[str, float], ...]:
+    """langdetect's (language, probability) pairs for `text`, most likely first (seed 0, as `detect_language`;
+    languages below its reporting floor of 0.1 are left out), or () when langdetect cannot read it."""
+    from langdetect.lang_detect_exception import LangDetectException
+
+    detector = _language_factory().create()
+    detector.append(text)
+    try:
+        return tuple((lang.lang, lang.prob) for lang in detector.get_probabilities())
+    except LangDetectException:
+        return ()
+
+
 def clear_caches() -> None:
     """Forget the per-text results (not the loaded models), e.g. to time scoring again on the same texts."""
     _sentences.cache_clear()
     detect_language.cache_clear()
+    language_probabilities.cache_clear()
