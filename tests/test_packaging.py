@@ -1,14 +1,22 @@
 """The wheel's package list covers every package in olmo_iv/ (an editable install would hide a missing one)."""
 
+import ast
+import re
 from pathlib import Path
-
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def listed_packages() -> set[str]:
+    # read by pattern, not tomllib: the project supports Python 3.10, which has no tomllib
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r"^packages\s*=\s*(\[.*?\])", text, re.S | re.M)
+    assert m, "pyproject.toml lists no packages"
+    return set(ast.literal_eval(m.group(1)))
+
+
 def test_every_package_is_listed():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = listed_packages()
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "olmo_iv").rglob("__init__.py")}
     found |= {"olmo_iv.cli"} if (ROOT / "cli" / "__init__.py").exists() else set()
-    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    assert "olmo_iv.sae" in found and found - listed == set(), f"missing from pyproject.toml: {sorted(found - listed)}"
