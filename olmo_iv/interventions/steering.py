@@ -11,15 +11,24 @@ generation prompt; the residual stream after every block (`hook_resid_post`) at 
 hook edits every position of the sequence, prompt and generated, at one layer. Their loop recomputes the whole
 sequence for each new token; with the cache each position is edited once, when it is first computed, which gives
 the same activations because every position only sees positions that were edited the same way.
+
+Steering with SAE latents (SAIF, He et al. 2025, and its relatives) uses the same specs and hooks:
+
+    v = latent_vector(sae, top, scorer.weights(top, by="mu_pos"))   # SAIF: Σ_j μ+_j W_dec[j]
+    Steer(layer, v, coef=float(v.norm()))                            # adds v itself (Steer normalises vectors)
+    ClampLatents(sae, top, values=scorer.weights(top, by="mu_pos"))  # set the latents in SAE space, error kept
+    Steer(layer, sdcv(diffmean_u, sae, top))                         # DiffMean denoised in the latents' span
+    latent_steer(sae, j, coef=8.0, decay=0.9)                        # one latent, decaying over generated tokens
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +38,9 @@ from olmo_iv.generate import GenerationState, generate
 from olmo_iv.hooks import BLOCK_HOOKS
 from olmo_iv.progress import ProgressFn
 
+if TYPE_CHECKING:
+    from olmo_iv.sae.arch import SAE
+
 MODES = ("add", "adjust_rs", "ablate")
 """add: h + c·u. adjust_rs (Stolfo's set-projection): h + (z̄ - h·u)·u, so that h·u = z̄. ablate: h - (h·u)·u."""
 POSITIONS = ("all", "prompt", "generated", "last_prompt")
@@ -37,6 +49,23 @@ last prompt token (where the vectors are read)."""
 VECTOR_POSITIONS = ("last", "instruction", "prompt")
 """Where vectors are read: the last prompt token (the authors'), the mean over the instruction's tokens, or the
 mean over all prompt tokens."""
+
+
+def position_weights(positions: str, coef: float, decay: float | None, offset: int, length: int,
+                     prompt_len: int | None, device: torch.device) -> Tensor:
+    """[length] weight of positions offset..offset+length-1: coef where `positions` selects, 0 elsewhere; with
+    `decay` γ the k-th generated position (k = 0, 1, ...) gets coef·γ^k. prompt_len None (a plain forward, no
+    generation) makes every position a prompt position."""
+    p = torch.arange(offset, offset + length, device=device)
+    if prompt_len is None:
+        prompt_len = offset + length
+    on = {"all": torch.ones_like(p, dtype=torch.bool), "prompt": p < prompt_len, "generated": p >= prompt_len,
+          "last_prompt": p == prompt_len - 1}[positions]
+    w = torch.full((length,), float(coef), device=device)
+    if decay is not None:
+        k = (p - prompt_len).clamp(min=0).float()
+        w = torch.where(p >= prompt_len, coef * decay**k, w)
+    return w * on
 
 
 @dataclass
@@ -87,16 +116,7 @@ class Steer:
 
     def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
         """[length] weight of each position offset..offset+length-1 (0 where this spec does not act)."""
-        p = torch.arange(offset, offset + length, device=device)
-        if prompt_len is None:  # a plain forward, no generation: every position is a prompt position
-            prompt_len = offset + length
-        on = {"all": torch.ones_like(p, dtype=torch.bool), "prompt": p < prompt_len, "generated": p >= prompt_len,
-              "last_prompt": p == prompt_len - 1}[self.positions]
-        w = torch.full((length,), float(self.coef), device=device)
-        if self.decay is not None:
-            k = (p - prompt_len).clamp(min=0).float()
-            w = torch.where(p >= prompt_len, self.coef * self.decay**k, w)
-        return w * on
+        return position_weights(self.positions, self.coef, self.decay, offset, length, prompt_len, device)
 
     def edit(self, x: Tensor, w: Tensor) -> Tensor:
         """x [B, T, d] edited with per-position weights w [T], in fp32, cast back to x's dtype."""
@@ -111,12 +131,176 @@ class Steer:
         return out.to(x.dtype)
 
 
-def steering_hooks(specs: Sequence[Steer], state: GenerationState | None = None) -> dict[str, list]:
+# ------------------------------------------------------------------------------------------------ SAE latents
+
+
+def sae_site(sae: SAE) -> tuple[int, str]:
+    """(layer, block hook) of the hook point the SAE reads: 'blocks.3.hook_resid_post' -> (3, 'hook_resid_post')."""
+    name = sae.cfg.hook_name or ""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if m is None or m.group(2) not in BLOCK_HOOKS:
+        raise OlmoIVError(f"the SAE reads {name or 'no recorded hook point'!r}, not a block's hook point: pass "
+                          "layer= and hook= (e.g. layer=3, hook='hook_resid_post')")
+    return int(m.group(1)), m.group(2)
+
+
+def latent_ids(sae: SAE, latents: Sequence[int]) -> list[int]:
+    """`latents` as a list of distinct ints in 0..d_sae-1, or a clear error."""
+    ids = [int(j) for j in latents]
+    if not ids:
+        raise OlmoIVError("latents= is empty: give at least one latent index")
+    bad = [j for j in ids if not 0 <= j < sae.cfg.d_sae]
+    if bad:
+        raise OlmoIVError(f"latents={bad[:5]} are out of range 0..{sae.cfg.d_sae - 1}")
+    if len(set(ids)) != len(ids):
+        raise OlmoIVError(f"latents={ids} repeats a latent")
+    return ids
+
+
+def decoder_rows(sae: SAE, latents: Sequence[int]) -> Tensor:
+    """[n, d_in] float32: what one unit of each latent's code adds to the reconstruction, decode(e_j) - decode(0).
+    This is W_dec[j] for a plain SAE; the input scale s and SAELens' rescale_acts_by_decoder_norm divide it
+    (by s, and by ‖W_dec[j]‖), so that codes from `sae.encode` give residual-space vectors in the model's units."""
+    idx = torch.tensor(latent_ids(sae, latents), device=sae.W_dec.device)
+    rows = sae.W_dec.detach()[idx].float()
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        rows = rows / sae.W_dec.detach()[idx].float().norm(dim=-1, keepdim=True)
+    return rows / sae.cfg.input_scale if sae.cfg.input_scale != 1.0 else rows
+
+
+def _finite_vector(name: str, values: Tensor | Sequence[float] | float, n: int) -> Tensor:
+    v = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
+    if v.numel() == 1 and n != 1:
+        v = v.expand(n).clone()
+    if v.numel() != n:
+        raise OlmoIVError(f"{name}= has {v.numel()} entries for {n} latents")
+    if not bool(torch.isfinite(v).all()):
+        raise OlmoIVError(f"{name}= holds NaN or inf")
+    return v
+
+
+def latent_vector(sae: SAE, latents: Sequence[int], weights: Tensor | Sequence[float]) -> Tensor:
+    """SAIF's steering vector Σ_j w_j · W_dec[j] over the selected latents: [d_in] float32, in residual units
+    (see `decoder_rows`). Weights: μ+ (`LatentScorer.weights(latents, by="mu_pos")`) or the mean difference.
+    A Steer normalises its vector, so `Steer(layer, v, coef=float(v.norm()))` adds v itself."""
+    rows = decoder_rows(sae, latents)
+    w = _finite_vector("weights", weights, rows.shape[0]).to(rows.device)
+    return w @ rows
+
+
+def latent_steer(sae: SAE, latent: int, coef: float, *, decay: float | None = None, positions: str = "all",
+                 layer: int | None = None, hook: str | None = None) -> Steer:
+    """Add coef × the latent's unit decoder direction at the SAE's hook point: the top-1 latent steering of
+    S6 (Xie 2025) with `decay` γ, where the k-th generated token gets coef·γ^k (prompt positions get coef).
+    The same as `Steer(layer, sae.W_dec[latent], mode="add", coef=coef, decay=decay)`."""
+    if layer is None or hook is None:
+        site_layer, site_hook = sae_site(sae)
+        layer, hook = site_layer if layer is None else layer, site_hook if hook is None else hook
+    return Steer(layer=layer, vector=decoder_rows(sae, [latent])[0], mode="add", coef=coef, positions=positions,
+                 decay=decay, hook=hook)
+
+
+def sdcv(vector: Tensor, sae: SAE, latents: Sequence[int], *, rescale: bool = False) -> Tensor:
+    """SDCV (Zhao et al. 2025): denoise a steering vector (e.g. DiffMean) by keeping only its component in the
+    span of the selected latents' decoder rows, the least-squares fit Σ_j c_j W_dec[j] ≈ vector.
+
+    The projection is orthogonal (the closest vector of the span), computed by torch.linalg.lstsq in float64 on
+    the CPU with the 'gelsd' driver, so collinear or repeated directions still give the projection (the
+    minimum-norm coefficients). rescale=True gives the result the input's norm: a Steer normalises its vector
+    anyway, but `coef=float(v.norm())`-style uses and comparisons with the raw vector keep their scale."""
+    v = torch.as_tensor(vector).detach().reshape(-1)
+    rows = decoder_rows(sae, latents)
+    if v.numel() != rows.shape[1]:
+        raise OlmoIVError(f"vector= has {v.numel()} entries; the SAE's d_in is {rows.shape[1]}")
+    if not bool(torch.isfinite(v).all()):
+        raise OlmoIVError("vector= holds NaN or inf")
+    A, b = rows.double().cpu().T, v.double().cpu()[:, None]  # [d, n], [d, 1]
+    proj = (A @ torch.linalg.lstsq(A, b, driver="gelsd").solution)[:, 0]
+    if rescale:
+        norm = float(proj.norm())
+        if not norm > 1e-6 * float(b.norm()):  # rounding leaves ~1e-16·‖v‖ of an orthogonal vector
+            raise OlmoIVError("vector= is orthogonal to the latents' decoder rows: nothing to rescale")
+        proj = proj * (float(v.double().norm()) / norm)
+    return proj.float().to(v.device)
+
+
+@dataclass
+class ClampLatents:
+    """Move selected SAE latents toward target values at one hook point, keeping the SAE's error term.
+
+    With codes = sae.encode(h) and new = codes + w·(values - codes) on `latents` (unchanged elsewhere), the edited
+    activation is h + decode(new) - decode(codes) = h + Σ_j (new_j - codes_j)·decoder_rows[j]. So w = 1 clamps
+    the latents to `values` (SAIF's μ+ or α·max), values equal to the codes or w = 0 change nothing, and whatever
+    the SAE fails to reconstruct stays in the residual. w is `coef` where `positions` selects, coef·γ^k on the
+    k-th generated token with `decay` γ, and 0 elsewhere. Computed in float32, cast back to the activation's
+    dtype; positions with w = 0 are not even encoded, and come back bit-identical."""
+
+    sae: SAE = field(repr=False)
+    """The SAE that reads this hook point (on the model's device)."""
+    latents: Sequence[int]
+    """The latents moved (distinct indices)."""
+    values: Tensor | Sequence[float] | float
+    """Target codes, one per latent (or one for all)."""
+    coef: float = 1.0
+    """The weight w: 1 sets the latents to the targets, 0 does nothing, in between interpolates."""
+    positions: str = "all"
+    """One of POSITIONS."""
+    decay: float | None = None
+    """None: constant. γ in (0, 1]: the k-th generated position gets coef·γ^k."""
+    layer: int | None = None
+    """Block edited; by default the SAE's (from sae.cfg.hook_name)."""
+    hook: str | None = None
+    """The block hook point edited; by default the SAE's."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise OlmoIVError(f"positions={self.positions!r}: use one of {', '.join(POSITIONS)}")
+        check_range("coef", self.coef)
+        if not abs(self.coef) < float("inf"):
+            raise OlmoIVError(f"coef={self.coef}: give a finite number")
+        if self.decay is not None:
+            check_range("decay", self.decay, 0, 1, low_open=True)
+        if self.layer is None or self.hook is None:
+            layer, hook = sae_site(self.sae)
+            self.layer = layer if self.layer is None else self.layer
+            self.hook = hook if self.hook is None else self.hook
+        if self.hook not in BLOCK_HOOKS:
+            raise OlmoIVError(f"hook={self.hook!r}: use a block hook point such as 'hook_resid_post'")
+        self.latents = latent_ids(self.sae, self.latents)
+        self.values = _finite_vector("values", self.values, len(self.latents))
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{self.hook}"
+
+    def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
+        return position_weights(self.positions, self.coef, self.decay, offset, length, prompt_len, device)
+
+    def edit(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [B, T, d] edited with per-position weights w [T]."""
+        on = w != 0
+        if not bool(on.any()):
+            return x
+        h = x[:, on].float()
+        idx = torch.tensor(self.latents, device=h.device)
+        codes = self.sae.encode(h).float().index_select(-1, idx)  # [B, t, n]
+        move = w[on][None, :, None] * (self.values.to(h.device) - codes)
+        # decode(new) - decode(codes) is linear in the code change (b_dec cancels): only the moved rows matter
+        out = x.clone()
+        out[:, on] = (h + move @ decoder_rows(self.sae, self.latents).to(h.device)).to(x.dtype)
+        return out
+
+
+Spec = Steer | ClampLatents
+"""Anything `steering_hooks`, `generate_steered` and `check_specs` take; specs compose in order."""
+
+
+def steering_hooks(specs: Sequence[Spec], state: GenerationState | None = None) -> dict[str, list]:
     """The hooks of `specs` for `model.hooks(...)`; several specs at one hook point act in order. Without a
     generation state, every position is a prompt position."""
     hooks: dict[str, list] = {}
     for spec in specs:
-        def hook(x: Tensor, name: str, spec: Steer = spec) -> Tensor:
+        def hook(x: Tensor, name: str, spec: Spec = spec) -> Tensor:
             offset = state.offset if state is not None else 0
             w = spec.weights(offset, x.shape[1], state.prompt_len if state is not None else None, x.device)
             return spec.edit(x, w)
@@ -125,16 +309,22 @@ def steering_hooks(specs: Sequence[Steer], state: GenerationState | None = None)
     return hooks
 
 
-def check_specs(model, specs: Sequence[Steer]) -> None:
+def check_specs(model, specs: Sequence[Spec]) -> None:
     d, L = model.config.d_model, model.config.n_layers
     for spec in specs:
         if not 0 <= spec.layer < L:
             raise OlmoIVError(f"layer={spec.layer}: this model has layers 0..{L - 1}")
-        if spec.vector.numel() != d:
+        if isinstance(spec, ClampLatents):
+            if spec.sae.cfg.d_in != d:
+                raise OlmoIVError(f"the SAE reads d_in={spec.sae.cfg.d_in}; this model's d_model is {d}")
+            if spec.sae.W_dec.device != model.device:
+                raise OlmoIVError(f"the SAE is on {spec.sae.W_dec.device} and the model on {model.device}: "
+                                  "move the SAE with sae.to(model.device)")
+        elif spec.vector.numel() != d:
             raise OlmoIVError(f"the steering vector has {spec.vector.numel()} entries; this model's d_model is {d}")
 
 
-def generate_steered(model, prompts: Sequence[Sequence[int]] | Sequence[str], specs: Sequence[Steer], *,
+def generate_steered(model, prompts: Sequence[Sequence[int]] | Sequence[str], specs: Sequence[Spec], *,
                      max_new_tokens: int = 64, stop_ids: Sequence[int] | None = None, batch_size: int = 16,
                      use_cache: bool = True, seed: int | None = None, temperature: float = 1.0,
                      progress: ProgressFn | None = None) -> list[list[int]]:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.sae.arch import SAE
@@ -17,17 +18,33 @@ def _check_latent(sae: SAE, latent: int) -> None:
         raise OlmoIVError(f"latent={latent} is out of range 0..{sae.cfg.d_sae - 1}")
 
 
+def final_norm_weight(model: Any) -> Tensor:
+    """The final RMSNorm's learned gain [d_model] as float32 (ln_final may be a module or a bare parameter)."""
+    norm = model.ln_final
+    return (norm.weight if isinstance(norm, torch.nn.Module) else norm).detach().float()
+
+
+@torch.no_grad()
+def lens_logits(model: Any, sae: SAE, latents: Sequence[int]) -> Tensor:
+    """[n, V] float32 logit-lens scores of the latents' decoder rows: W_U · (g ⊙ W_dec[j]), with g the final
+    norm's weight. The full RMSNorm would also divide by the row's RMS, a positive scale that changes no
+    ranking, so this is the direction's effect on the logits up to one factor per latent."""
+    for j in latents:
+        _check_latent(sae, int(j))
+    idx = torch.tensor([int(j) for j in latents], dtype=torch.long, device=sae.W_dec.device)
+    W_U = model.lm_head.weight.detach()
+    rows = sae.W_dec.detach()[idx].to(W_U.device).float() * final_norm_weight(model).to(W_U.device)
+    return rows @ W_U.float().T
+
+
 @torch.no_grad()
 def logit_lens(model: Any, sae: SAE, latent: int, *, k: int = 10) -> dict[str, list[tuple[int, float]]]:
-    """The tokens whose logits the latent's decoder row raises and lowers most: W_dec[latent] through the final
-    norm's weight and the unembedding (the per-token RMS scale only rescales all logits alike)."""
+    """The tokens whose logits the latent's decoder row raises and lowers most (`lens_logits`)."""
     _check_latent(sae, latent)
     if k < 1:
         raise OlmoIVError(f"k={k} must be >= 1")
-    norm = model.ln_final
-    weight = norm.weight if isinstance(norm, torch.nn.Module) else norm  # a module or a bare parameter
-    direction = sae.W_dec[latent].float() * weight.float()
-    logits = model.lm_head.weight.float() @ direction
+    logits = lens_logits(model, sae, [latent])[0]
+    k = min(k, logits.numel())
     top, bottom = logits.topk(k), (-logits).topk(k)
     return {"top": list(zip(top.indices.tolist(), top.values.tolist())),
             "bottom": list(zip(bottom.indices.tolist(), (-bottom.values).tolist()))}
