@@ -377,3 +377,127 @@ def layer_sweep(rows: list[list]) -> Figure:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines reach every corner
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------- SAIF
+
+SAIF_MAIN = ("none", "prompting", "diffmean", "saif", "clamp", "sdcv", "top1_decay")
+"""The main comparison's conditions, in the order the bars are drawn (saif: the k-sweep entry at the run's k)."""
+
+
+def _wilson(v: float, n: int, confidence: float) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    if not n:
+        return 0.0, 0.0
+    ci = binomtest(round(v * n), n).proportion_ci(confidence, method="wilson")
+    return 100 * (v - ci.low), 100 * (ci.high - v)
+
+
+def _short(t: str) -> str:
+    return t.split(":")[-1].replace("_", " ")
+
+
+def saif_conditions(summary: dict, *, metric: str = "strict", confidence: float = 0.95) -> Figure:
+    """Accuracy per instruction type without the instruction under each steering method, next to the prompting
+    and no-steering baselines, with Wilson intervals."""
+    conds = summary["conditions"]
+    k = summary["settings"]["k"]
+    names = [c if c != "saif" else f"saif_k{k}" for c in SAIF_MAIN]
+    names = [c for c in names if c in conds]
+    types = [*summary["types"], None]
+    colors = ["#bdbdbd", "#636363", "#4393c3", "#d6604d", "#f4a582", "#92c5de", "#b2abd2"]
+    fig = Figure(figsize=(max(6.4, 1.1 * len(types) + 2), 4.4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.84 / len(names)
+    for j, (name, color) in enumerate(zip(names, colors, strict=False)):
+        entries = [conds[name]["overall"] if t is None else conds[name]["by_type"][t] for t in types]
+        vals = [100 * e[metric] for e in entries]
+        err = np.array([_wilson(e[metric], e["n"], confidence) for e in entries]).T
+        label = {"none": "no instruction", "prompting": "instruction (prompting)"}.get(name, name.replace("_", " "))
+        ax.bar(np.arange(len(types)) - 0.42 + width * (j + 0.5), vals, width, yerr=err, capsize=1.2,
+               error_kw={"lw": 0.5}, color=color, label=label)
+    n0 = conds[names[0]]
+    ax.set_xticks(range(len(types)), [f"{_short(t) if t else 'overall'}\nn={(n0['by_type'][t] if t else n0['overall'])['n']}"
+                                      for t in types], fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(f"SAIF steering without the instruction, layer {summary['layer']}, k={k}: {metric} accuracy, "
+                 f"{round(100 * confidence)}% Wilson intervals", fontsize=9)
+    return fig
+
+
+def saif_k_sweep(summary: dict) -> Figure:
+    """Strict and loose accuracy against the number of latents steered with, overall and per type, with the
+    prompting, difference-of-means and no-steering levels as horizontal lines."""
+    conds = summary["conditions"]
+    ks = sorted(v["k"] for v in conds.values() if v.get("kind") == "k-sweep")
+    fig = Figure(figsize=(9.6, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, metric in zip(axes, ("strict", "loose"), strict=True):
+        for t in summary["types"]:
+            ax.plot(ks, [100 * conds[f"saif_k{k}"]["by_type"][t][metric] for k in ks], lw=0.8, alpha=0.6,
+                    marker=".", label=_short(t))
+        ax.plot(ks, [100 * conds[f"saif_k{k}"]["overall"][metric] for k in ks], color="black", lw=2, marker="o",
+                label="overall")
+        for name, style in (("prompting", ":"), ("diffmean", "--"), ("none", "-.")):
+            if name in conds:
+                ax.axhline(100 * conds[name]["overall"][metric], color="gray", ls=style, lw=1, label=f"{name} (overall)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xticks(ks)
+        ax.set_xlabel("latents steered with (k)")
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(-3, 103)
+    axes[0].set_ylabel("accuracy without the instruction (%)")
+    axes[1].legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(f"SAIF k-sweep at layer {summary['layer']}", fontsize=9)
+    return fig
+
+
+def saif_layer_sweep(summary: dict, *, metric: str = "strict") -> Figure:
+    """Overall accuracy of SAIF steering by layer, editing every position or only the prompt's (a final-layer
+    edit acts on the output only through the positions it edits)."""
+    conds = summary["conditions"]
+    fig = Figure(figsize=(5.6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for positions, style, label in (("all", "-", "prompt and generated tokens"), ("prompt", "--", "prompt only")):
+        rows = sorted((v["layer"], v["overall"][metric]) for v in conds.values()
+                      if v.get("kind") == "layer-sweep" and v.get("positions") == positions)
+        ax.plot([r[0] for r in rows], [100 * r[1] for r in rows], ls=style, marker="o", label=label)
+    for name, s in (("prompting", ":"), ("none", "-.")):
+        if name in conds:
+            ax.axhline(100 * conds[name]["overall"][metric], color="gray", ls=s, lw=1, label=name)
+    ax.set_xticks(summary["layers"])
+    ax.set_xlabel("layer (hook_resid_post)")
+    ax.set_ylabel(f"{metric} accuracy without the instruction (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"SAIF layer sweep (k={summary['settings']['k']}), all types", fontsize=9)
+    return fig
+
+
+def saif_placement(summary: dict) -> Figure:
+    """Instruction placed after the content (post) against before it (pre): as a prompt, and as the positives
+    the latents were selected from (then steering without the instruction)."""
+    conds = summary["conditions"]
+    k = summary["settings"]["k"]
+    pairs = [("prompting", "prompting_pre"), (f"saif_k{k}", "saif_scored_pre")]
+    fig = Figure(figsize=(5.6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for j, (post, pre) in enumerate(pairs):
+        for m, metric in enumerate(("strict", "loose")):
+            for i, (name, color) in enumerate(((post, "#d6604d"), (pre, "#4393c3"))):
+                e = conds[name]["overall"]
+                x = 2.4 * j + m + (i - 0.5) * 0.4
+                ax.bar(x, 100 * e[metric], 0.4, yerr=np.array([_wilson(e[metric], e["n"], 0.95)]).T, capsize=1.5,
+                       color=color, alpha=1.0 if metric == "strict" else 0.55,
+                       label=("post" if i == 0 else "pre") if j == 0 and m == 0 else None)
+    ax.set_xticks([0, 1, 2.4, 3.4], ["prompting\nstrict", "prompting\nloose", "SAIF\nstrict", "SAIF\nloose"],
+                  fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, frameon=False, title="instruction placement", title_fontsize=7)
+    fig.suptitle("Pre vs post placement, all types (95% Wilson intervals)", fontsize=9)
+    return fig
