@@ -69,7 +69,7 @@ def bridge(
         summary = run_bridge(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     pct = round(100 * summary["confidence"])
     table = Table(title=f"{escape(summary['settings']['task'])} · layer {summary['layer']}"
-                  + (" (best single layer)" if summary["layer_chosen"] else "") + ": RR by latents patched")
+                  + ("" if summary["layer_from"] == "settings" else f" ({summary['layer_from']})") + ": RR by latents patched")
     for name, justify in (("latents", "left"), ("mean RR", "right"), (f"{pct}% CI", "right"),
                           ("explained ‖Δx‖²", "right")):
         table.add_column(name, justify=justify)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ class Decomposition:
         """x_src − x_tgt [n, d]: what full patching adds."""
         return self.x_src - self.x_tgt
 
-    @property
+    @cached_property
     def delta_z(self) -> Tensor:
         """z_src − z_tgt [n, d_sae]."""
         return self.z_src - self.z_tgt
@@ -90,7 +91,7 @@ class Decomposition:
         """e_src − e_tgt [n, d]: the part of the patch no latent accounts for."""
         return self.e_src - self.e_tgt
 
-    @property
+    @cached_property
     def norms(self) -> Tensor:
         """‖d_j‖ [d_sae]."""
         return self.directions.norm(dim=-1)
@@ -99,8 +100,15 @@ class Decomposition:
         """Σ_{j∈latents} c_j for each sample (or the given rows) [n, d]; None: every latent."""
         dz = self.delta_z if rows is None else self.delta_z[rows]
         if latents is None:
-            return dz @ self.directions
+            return _sparse_mm(dz, self.directions)
         return dz[:, latents] @ self.directions[latents]
+
+
+def _sparse_mm(z: Tensor, d: Tensor) -> Tensor:
+    """z @ d over the latents non-zero in some row only: codes are sparse, so this is the same sum (zeros add
+    nothing) at a fraction of the work for SAEs of 10^5 latents."""
+    active = z.ne(0).any(0).nonzero()[:, 0]
+    return z[:, active] @ d[active]
 
 
 def _encode(sae: SAE, x: Tensor) -> Tensor:
@@ -147,8 +155,8 @@ def decompose(model, sae: SAE, encoded: Sequence[Encoded], layer: int, *, gradie
     z_src, z_tgt = _encode(sae, x_src), _encode(sae, x_tgt)
     x_src, x_tgt = x_src.double().cpu(), x_tgt.double().cpu()
     grad = answer_gradients(model, targets, answers, layer, positions) if gradients else None
-    return Decomposition(layer, x_src, x_tgt, z_src, z_tgt, x_src - (z_src @ d + b), x_tgt - (z_tgt @ d + b), d, b,
-                         grad)
+    return Decomposition(layer, x_src, x_tgt, z_src, z_tgt, x_src - (_sparse_mm(z_src, d) + b),
+                         x_tgt - (_sparse_mm(z_tgt, d) + b), d, b, grad)
 
 
 def answer_gradients(model, targets: Sequence[Tensor], answers: Sequence[int], layer: int,
@@ -225,7 +233,8 @@ def rank_latents(dec: Decomposition, method: str = "abs", folds: Tensor | None =
 
 def split_folds(n: int, seed: int = 0) -> Tensor:
     """A seeded split of n samples into two halves: fold 0 (the first ceil(n/2) of a permutation) and fold 1."""
-    check_range("n", n, 2)
+    if n < 2:
+        raise OlmoIVError(f"n={n}: a held-out ranking needs at least 2 samples, one per half")
     folds = torch.ones(n, dtype=torch.long)
     folds[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: (n + 1) // 2]] = 0
     return folds
@@ -285,7 +294,8 @@ def explained_fraction(residual_sq: Tensor, delta_sq: Tensor) -> Tensor:
     total = float(delta_sq.sum())
     if total == 0:
         return torch.full((residual_sq.shape[1],), float("nan"), dtype=torch.float64)
-    return 1.0 - residual_sq.sum(0) / total
+    return torch.tensor([1.0 - float(residual_sq[:, c].contiguous().sum()) / total
+                         for c in range(residual_sq.shape[1])], dtype=torch.float64)
 
 
 def check_ks(ks: Sequence[int], d_sae: int | None = None) -> list[int]:
@@ -346,7 +356,9 @@ def bridge(model, sae: SAE, encoded: Sequence[Encoded], layer: int, *, ks: Seque
     if ranking.d_sae != sae.cfg.d_sae:
         raise OlmoIVError(f"the ranking orders {ranking.d_sae} latents but the SAE has d_sae={sae.cfg.d_sae}")
     columns, sizes, vectors = patch_columns(dec, ranking, folds, ks)
-    residual_sq = ((dec.delta[:, None] - (vectors - dec.x_tgt[:, None])) ** 2).sum(-1)
+    # column by column, reduced as delta_sq is: k=0 then explains exactly 0 and all+error exactly 1
+    residual_sq = torch.stack([((dec.delta - (vectors[:, c] - dec.x_tgt)) ** 2).sum(-1)
+                               for c in range(len(columns))], 1)
     sources, targets, answers, positions = _ids(encoded)
     logit, rank = patch_vectors(model, targets, answers, layer, vectors.to(model.dtype), target_pos=positions,
                                 progress=progress)

@@ -48,6 +48,7 @@ from olmo_iv.runs.patch import DEFAULT_TASKS
 from olmo_iv.runs.store import RunStore
 from olmo_iv.runs.tables import fmt_float
 from olmo_iv.sae.arch import SAE
+from olmo_iv.sae.data import hook_layer
 
 PART_SIZE = 25
 CONFIDENCE = 0.95
@@ -67,9 +68,10 @@ class BridgeSettings:
     mode: str = "faithful"
     """Prompts as in `olmo-iv patch`: faithful (patched at the filler) or reference (at the query's first token)."""
     layer: int | None = None
-    """The layer patched (hook_resid_post); None: the layer whose single-layer full patch restores most RR."""
+    """The layer patched (hook_resid_post); None: the given SAE's layer, or (no SAE given, or one that records no
+    hook point) the layer whose single-layer full patch restores most RR."""
     sae: str | None = None
-    """SAE folder or file at that layer; None: the SAE shipped for (model, layer)."""
+    """SAE folder or file (SAELens, sparsify, Gemma Scope); None: the SAE shipped for (model, layer)."""
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     """Numbers of top latents patched; every latent, and every latent plus the error term, are always added."""
     samples: int = 100
@@ -109,19 +111,15 @@ class BridgeSettings:
         return -1.0 if self.mode == "reference" else 0.0
 
 
-def resolve(sae: str | None, model: str, layer: int, device: str) -> SAE:
-    """The SAE of the run: a folder or file, or (None) the one shipped for (model, layer), on `device`."""
+def shipped_sae(model: str, layer: int, device: str) -> SAE:
+    """The SAE shipped for (model, layer), on `device`."""
     try:
         from olmo_iv.sae.builtin import resolve_sae
     except ImportError:  # a checkout without shipped SAEs: only explicit ones
-        if sae is None:
-            raise OlmoIVError(f"no SAE is shipped with this installation for model={model!r}: pass sae= a folder "
-                              "(e.g. one written by `olmo-iv sae train`)") from None
-        found: SAE | str | Path = sae
-    else:
-        found = resolve_sae(sae, model, layer)
-    loaded = found if isinstance(found, SAE) else SAE.load(found, device=device)
-    return loaded.to(device).eval()
+        raise OlmoIVError(f"no SAE is shipped with this installation for model={model!r}: pass sae= a folder "
+                          "(e.g. one written by `olmo-iv sae train`)") from None
+    found = resolve_sae(None, model, layer)
+    return (found if isinstance(found, SAE) else SAE.load(found, device=device)).to(device).eval()
 
 
 def sae_fingerprint(sae: SAE) -> str:
@@ -161,8 +159,10 @@ def run_bridge(settings: BridgeSettings, out: str | Path, *, overwrite: bool = F
     store = RunStore.open(out, "bridge", asdict(settings), models=[settings.model], overwrite=overwrite)
     samples = task_registry.samples(settings.task, mode=settings.mode, n=settings.samples)
     lazy = _Lazy(settings, samples)
-    layer, profile = _layer(store, settings, lazy, progress)
-    sae = resolve(settings.sae, settings.model, layer, settings.device)
+    # an explicit SAE is read before any unit is done: a bad path then fails a start that blocks nothing
+    given = SAE.load(settings.sae, device=settings.device).eval() if settings.sae is not None else None
+    layer, profile = _layer(store, settings, lazy, given, progress)
+    sae = given if given is not None else shipped_sae(settings.model, layer, settings.device)
     fp = sae_fingerprint(sae)
     if not store.done("ranking"):
         store.complete("ranking", _ranking_unit(settings, lazy, sae, layer),
@@ -184,13 +184,21 @@ def run_bridge(settings: BridgeSettings, out: str | Path, *, overwrite: bool = F
     return _merge(store, settings, layer, profile, fp, [u for u, _ in parts])
 
 
-def _layer(store: RunStore, settings: BridgeSettings, lazy: _Lazy, progress) -> tuple[int, list[dict] | None]:
-    """The settings' layer, or the best single layer by full patching (the `layers` unit) and every layer's RR."""
+def _layer(store: RunStore, settings: BridgeSettings, lazy: _Lazy, given: SAE | None,
+           progress) -> tuple[int, list[dict] | None]:
+    """The settings' layer; else the given SAE's layer; else the best single layer by full patching (the `layers`
+    unit), with every layer's RR."""
     if settings.layer is not None:
         n_layers = lazy.model.config.n_layers
         if settings.layer >= n_layers:
             raise OlmoIVError(f"layer={settings.layer} is out of range: {settings.model} has layers 0..{n_layers - 1}")
         return settings.layer, None
+    if given is not None and given.cfg.hook_name:
+        layer = hook_layer(given.cfg.hook_name)
+        if layer is None:
+            raise OlmoIVError(f"the SAE reads {given.cfg.hook_name!r}, not a block's output: give an SAE of "
+                              "blocks.L.hook_resid_post")
+        return layer, None
     if not store.done("layers"):
         result = layer_profile(lazy.model, lazy.encoded, max_rank=settings.max_rank, rr_sentinel=settings.rr_sentinel,
                                progress=progress)
@@ -295,9 +303,10 @@ def _merge(store: RunStore, settings: BridgeSettings, layer: int, profile: list[
              f"{settings.mode}, n={len(rows)}" + (", held-out ranking" if settings.heldout else ""))
     files += store.save_figure("bridge", figures.bridge_curve(curve, baselines, title=title,
                                                               confidence=CONFIDENCE, method=settings.method))
-    summary = {"settings": asdict(settings), "layer": layer, "layer_chosen": settings.layer is None,
+    source = "settings" if settings.layer is not None else "sae" if profile is None else "best single layer"
+    summary = {"settings": asdict(settings), "layer": layer, "layer_from": source,
                "layer_profile": profile, "n": len(rows), "sae_fingerprint": fp, "confidence": CONFIDENCE,
-               "curve": curve, **baselines, "top_latents": latents[: min(10, len(latents))],
+               "curve": curve, **baselines, "latents": latents[: min(10, len(latents))],
                "checkpoints": store.checkpoints, "versions": versions()}
     summary["files"] = [p.name for p in files] + ["summary.json"]
     store.write_json("summary.json", summary)
