@@ -15,6 +15,7 @@ from olmo_iv.cli import (  # noqa: F401  (registers the commands)
     paths,
     probe,
     sae,
+    saif,
     stats,
     steer,
     sweep,

@@ -47,6 +47,12 @@ def parse_layers(text: str) -> LayerSet:
     return tuple(int(x) for x in text.split("-"))
 
 
+def reciprocal_rank(rank: Tensor, max_rank: int = 1000, rr_sentinel: float = 0.0) -> Tensor:
+    """RR = 1/rank for ranks <= max_rank, else `rr_sentinel` (float64): the one definition every result uses."""
+    rank = rank.double()
+    return torch.where(rank <= max_rank, 1.0 / rank, torch.full_like(rank, rr_sentinel))
+
+
 @dataclass
 class PatchResult:
     """Answer logits and ranks of the target-only, patched (and optionally clean) runs.
@@ -66,8 +72,7 @@ class PatchResult:
     rank_clean: Tensor | None = None
 
     def rr(self, rank: Tensor) -> Tensor:
-        rank = rank.double()
-        return torch.where(rank <= self.max_rank, 1.0 / rank, torch.full_like(rank, self.rr_sentinel))
+        return reciprocal_rank(rank, self.max_rank, self.rr_sentinel)
 
     @property
     def rr_target(self) -> Tensor:
@@ -167,6 +172,63 @@ def last_logit_rank(model: OLMo2, seqs: Sequence[Tensor], answers: Tensor) -> tu
             logits = model(torch.stack([seqs[i] for i in chunk]).to(model.device), logits_at=length - 1)
             logit[idx], rank[idx] = answer_rank(logits, answers[idx], consume=True)
     return logit, rank
+
+
+@torch.no_grad()
+def patch_vectors(model: OLMo2, targets: Sequence[Tensor], answers: Sequence[int], layer: int, vectors: Tensor, *,
+                  target_pos: int | Sequence[int] = 0, progress: ProgressFn | None = None) -> tuple[Tensor, Tensor]:
+    """Answer logit and rank at the last position of each target run whose block-`layer` output at `target_pos`
+    is replaced by a given vector: `vectors` [samples, variants, d] holds one replacement per sample and variant
+    (e.g. the source residual, or parts of it). Returns (logit, rank), each [samples, variants], on the CPU.
+
+    `patch_layers` with one layer is the case vectors[i, 0] = the source residual. The target's blocks up to
+    `layer` run once per sample; each variant runs only blocks layer+1 .. L-1, batched, length groups unpadded.
+    """
+    L, device = model.config.n_layers, model.device
+    n = len(targets)
+    if n == 0:
+        raise OlmoIVError("no samples to patch")
+    if not isinstance(layer, int) or not 0 <= layer < L:
+        raise OlmoIVError(f"layer={layer!r} is out of range: this model has layers 0..{L - 1}")
+    if len(answers) != n or vectors.dim() != 3 or vectors.shape[0] != n or vectors.shape[2] != model.config.d_model:
+        raise OlmoIVError(f"got {n} targets, {len(answers)} answers and vectors of shape {tuple(vectors.shape)}: "
+                          f"give one answer and a [variants, {model.config.d_model}] block of vectors per target")
+    if not bool(torch.isfinite(vectors).all()):
+        raise OlmoIVError("vectors holds NaN or infinite values: a patched run would be meaningless")
+    for a in answers:
+        if not 0 <= int(a) < model.config.vocab_size:
+            raise OlmoIVError(f"answer id {a} is outside the vocabulary [0, {model.config.vocab_size})")
+    answers_t = torch.tensor([int(a) for a in answers], dtype=torch.long, device=device)
+    targets = [_as_ids(t, device) for t in targets]
+    positions = [target_pos] * n if isinstance(target_pos, int) else list(target_pos)
+    if len(positions) != n:
+        raise OlmoIVError(f"target_pos has {len(positions)} entries for {n} targets")
+    positions = [_resolve(p, len(t), "target_pos") for p, t in zip(positions, targets)]
+    m = vectors.shape[1]
+    logit = torch.empty(n, m, dtype=torch.float32, device=device)
+    rank = torch.empty(n, m, dtype=torch.long, device=device)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(targets):
+        by_len[len(t)].append(i)
+    for length, rows in by_len.items():
+        budget = _row_budget(model, length)
+        for chunk in _chunks(rows, budget):
+            ids = torch.stack([targets[i] for i in chunk])
+            idx = torch.tensor(chunk, device=device)
+            pos = torch.tensor([positions[i] for i in chunk], device=device)
+            prefix = model(ids, stop_at_layer=layer + 1)  # [c, T, d]: the target run up to block `layer`
+            for cols in _chunks(list(range(m)), max(1, budget // len(chunk))):
+                x0 = prefix.repeat(len(cols), 1, 1)  # variant-major rows: row j*c + r is sample r, variant cols[j]
+                patch = vectors[chunk][:, cols].transpose(0, 1).reshape(-1, vectors.shape[2])
+                x0[torch.arange(len(x0), device=device), pos.repeat(len(cols))] = patch.to(device, prefix.dtype)
+                logits = model(ids.repeat(len(cols), 1), start_at_layer=layer + 1, resid=x0, logits_at=length - 1)
+                lg, rk = answer_rank(logits, answers_t[idx].repeat(len(cols)), consume=True)
+                cols_t = torch.tensor(cols, device=device)
+                logit[idx[:, None], cols_t[None]] = lg.view(len(cols), -1).T
+                rank[idx[:, None], cols_t[None]] = rk.view(len(cols), -1).T
+                if progress is not None:
+                    progress("patched rows", len(chunk) * len(cols), n * m)
+    return logit.cpu(), rank.cpu()
 
 
 def _chunks(items: list, size: int):

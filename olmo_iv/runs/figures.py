@@ -500,4 +500,49 @@ def saif_placement(summary: dict) -> Figure:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, frameon=False, title="instruction placement", title_fontsize=7)
     fig.suptitle("Pre vs post placement, all types (95% Wilson intervals)", fontsize=9)
+
+
+# ---------------------------------------------------------------------------------- the bridge to SAE latents
+
+
+def bridge_curve(curve: Sequence[dict], baselines: dict[str, dict], *, title: str, confidence: float = 0.95,
+                 method: str = "abs") -> Figure:
+    """RR of latent-level patching against the number of top latents patched (symlog x: 0 has a place), with its
+    bootstrap band, full patching and the unpatched target as horizontal lines; below, the fraction of
+    ‖x_src − x_tgt‖² the patched latents explain. `curve`: dicts with column, n_latents, rr_mean, rr_low, rr_high,
+    explained (the top-k columns, then 'all' and 'all+error'); `baselines`: 'target' and 'full' with rr_mean,
+    rr_low, rr_high."""
+    top = [c for c in curve if c["column"] not in ("all", "all+error")]
+    every = {c["column"]: c for c in curve if c["column"] in ("all", "all+error")}
+    fig = Figure(figsize=(6.4, 5.2), layout="constrained")
+    ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+    x = np.array([c["n_latents"] for c in top], dtype=float)
+    for name, color, label in (("full", "#b2182b", "full patching"), ("target", "#636363", "unpatched target")):
+        b = baselines[name]
+        ax.axhline(b["rr_mean"], color=color, lw=1, ls="--", label=label)
+        ax.axhspan(b["rr_low"], b["rr_high"], color=color, alpha=0.08, lw=0)
+    ax.plot(x, [c["rr_mean"] for c in top], marker="o", ms=3.5, color="#2166ac", label=f"top-k latents ({method})")
+    ax.fill_between(x, [c["rr_low"] for c in top], [c["rr_high"] for c in top], color="#2166ac", alpha=0.2, lw=0)
+    ax2.plot(x, [c["explained"] for c in top], marker="o", ms=3.5, color="#2166ac")
+    if "all" in every:
+        d_sae = every["all"]["n_latents"]
+        a = every["all"]
+        ax.errorbar([d_sae], [a["rr_mean"]], yerr=[[a["rr_mean"] - a["rr_low"]], [a["rr_high"] - a["rr_mean"]]],
+                    fmt="s", ms=4, color="#4393c3", capsize=2, label="all latents, no error term")
+        ax2.plot([d_sae], [a["explained"]], "s", ms=4, color="#4393c3")
+        ticks = [*x.tolist(), d_sae]
+        names = [str(int(v)) for v in x] + [f"all\n({d_sae})"]
+    else:
+        ticks, names = x.tolist(), [str(int(v)) for v in x]
+    ax2.axhline(1.0, color="#b2182b", lw=1, ls="--")
+    for a_ in (ax, ax2):
+        a_.set_xscale("symlog", linthresh=1, linscale=0.5)
+        a_.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax2.set_xticks(ticks, names, fontsize=7)
+    ax2.set_xlim(min(ticks) - 0.4, max(ticks) * 1.6 + 0.4)  # symlog draws nothing below 0 and cuts the last marker
+    ax.set_ylabel(f"mean RR ({round(100 * confidence)}% bootstrap CI)")
+    ax2.set_ylabel("explained ‖Δx‖²")
+    ax2.set_xlabel("latents patched (top-k by rank)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
     return fig
