@@ -500,6 +500,7 @@ def saif_placement(summary: dict) -> Figure:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, frameon=False, title="instruction placement", title_fontsize=7)
     fig.suptitle("Pre vs post placement, all types (95% Wilson intervals)", fontsize=9)
+    return fig
 
 
 # ---------------------------------------------------------------------------------- the bridge to SAE latents

@@ -123,7 +123,6 @@ class SaifSettings:
 def load_saes(sae: str | None, model_name: str, n_layers: int, layers: list[int] | None):
     """{layer: SAE} for the run: the shipped SAEs, a folder of per-layer SAEs, or one SAE's folder."""
     from olmo_iv.sae.arch import SAE
-    from olmo_iv.sae.builtin import resolve_sae
     from olmo_iv.sae.data import hook_layer
 
     wanted = list(range(n_layers)) if layers is None else list(layers)
@@ -131,6 +130,8 @@ def load_saes(sae: str | None, model_name: str, n_layers: int, layers: list[int]
         if not 0 <= layer < n_layers:
             raise OlmoIVError(f"layers={layers}: this model has layers 0..{n_layers - 1}")
     if sae is None or sae == "builtin":
+        from olmo_iv.sae.builtin import resolve_sae
+
         out = {}
         for layer in wanted:
             try:
@@ -251,51 +252,79 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
             progress("scoring", 1, len(train))
 
     kmax = max([settings.k, *settings.ks])
-    selected: dict[tuple[int, str, str], list[int]] = {key: sc.top(kmax, settings.method)
-                                                         for key, sc in scorers.items()}
-    for key, latents in selected.items():
-        if not latents:
-            raise OlmoIVError(f"no latent scores finitely for type {key[1]!r} at layer {key[0]} ({key[2]}): every "
-                              f"candidate fires on more than tau={settings.tau} of the negatives")
+    # only latents with a positive score are instruction-relevant: a latent that never fires scores 0 and is not
+    # selected, so a layer with few such latents gets fewer than k (and steers with none when there are none)
+    selected: dict[tuple[int, str, str], list[int]] = {}
+    for key, sc in scorers.items():
+        score = sc.scores(settings.method)
+        selected[key] = [j for j in sc.top(kmax, settings.method) if score[j] > 0]
 
-    # 2. interpret: the logit lens of the selected latents, and their proximity to the instruction: the best rank,
-    # among the tokens a latent's decoder direction promotes, of a token that occurs in the type's instructions
-    # but in none of its contents (chance: about vocab / (that many tokens + 1))
-    instruction_tokens = {}
-    for t in types:
+    # 2. interpret: the logit lens of the selected latents, and their proximity to the instruction on both sides:
+    # - instruction tokens: in the type's instructions but in none of its contents;
+    # - output tokens: in at least a quarter of the model's unsteered responses to the positives and in at most
+    #   5% of its responses to the negatives (what following the instruction writes: "SURE", "<<", "Bien");
+    # each latent's proximity is the best rank of such a token among all tokens its decoder direction promotes,
+    # next to chance (about vocab / (that many tokens + 1))
+    def token_sets(t: str) -> tuple[list[int], list[int]]:
         samples = train[t, "post"]
         inst = {i for s in samples for i in model.tokenizer.encode(s.instruction).ids}
         content = {i for s in samples for i in model.tokenizer.encode(s.negative).ids}
-        instruction_tokens[t] = sorted(inst - content)
+        unit = _tag("responses", t)
+        if not store.done(unit):
+            got = {}
+            for side, texts in (("positive", [s.positive for s in samples]), ("negative", [s.negative for s in samples])):
+                got[side] = generate_steered(model, ids_of(texts), [], max_new_tokens=settings.max_new_tokens,
+                                             batch_size=settings.batch_size)
+            store.complete(unit, {"ids.json": got})
+        got = store.read_json(unit, "ids.json")
+        share = {side: {} for side in got}
+        for side, rows in got.items():
+            for row in rows:
+                for i in set(row):
+                    share[side][i] = share[side].get(i, 0) + 1 / len(rows)
+        out_tokens = [i for i, f in share["positive"].items() if f >= 0.25 and share["negative"].get(i, 0) <= 0.05]
+        return sorted(inst - content), sorted(out_tokens)
+
+    tokens_of = {t: token_sets(t) for t in types}
     vocab = model.config.vocab_size
+
+    def proximity(layer: int, latents: list[int], ids: list[int]) -> dict[int, dict]:
+        if not ids:
+            return {}
+        return {r["latent"]: r for r in instruction_proximity(model, saes[layer], latents, ids, k=50)}
+
+    def near_cells(near: dict, ids: list[int]) -> list:
+        token = model.tokenizer.decode([near["token"]]) if near else ""
+        return [near.get("rank", ""), token, round(vocab / (len(ids) + 1), 1)]
+
     latent_rows = []
     for (layer, t, p), latents in sorted(selected.items()):
         sc = scorers[layer, t, p]
         score = sc.scores(settings.method)
         shown = latents[: max(settings.k, 16)]
         table = {r["latent"]: r for r in sc.table(shown)}
-        prox = {r["latent"]: r for r in instruction_proximity(model, saes[layer], shown, instruction_tokens[t],
-                                                               k=50)} if instruction_tokens[t] else {}
+        inst_ids, out_ids = tokens_of[t]
+        near_in, near_out = proximity(layer, shown, inst_ids), proximity(layer, shown, out_ids)
         for rank, j in enumerate(shown):
             r = table[j]
             lens = logit_lens(model, saes[layer], j, k=5)["top"]
             tokens = " | ".join(model.tokenizer.decode([i]) for i, _ in lens)
             variants = [v for k_, v in r.items() if k_.startswith("f_") and k_ not in ("f_pos", "f_neg")]
-            near = prox.get(j, {})
             latent_rows.append([layer, p, t, rank + 1, j, round(float(score[j]), 6), round(r["mu_pos"], 6),
                                 round(r["mu_neg"], 6), round(r["f_pos"], 4), round(r["f_neg"], 4),
                                 round(min(variants) if variants else r["f_pos"], 4), tokens,
-                                near.get("rank", ""),
-                                model.tokenizer.decode([near["token"]]) if near.get("token") is not None else "",
-                                round(vocab / (len(instruction_tokens[t]) + 1), 1)])
+                                *near_cells(near_in.get(j, {}), inst_ids), *near_cells(near_out.get(j, {}), out_ids)])
     store.write_csv("latents.csv", ["layer", "placement", "type", "rank", "latent", "score", "mu_pos", "mu_neg",
                                     "f_pos", "f_neg", "min_variant_f", "logit_lens_top", "instruction_token_rank",
-                                    "instruction_token", "chance_rank"], latent_rows)
+                                    "instruction_token", "instruction_chance_rank", "output_token_rank",
+                                    "output_token", "output_chance_rank"], latent_rows)
 
     # 3. steer held-out contents without the instruction
-    def spec_saif(layer: int, t: str, p: str, k: int, positions: str = "all") -> Steer:
+    def spec_saif(layer: int, t: str, p: str, k: int, positions: str = "all") -> Steer | None:
         sc, sae = scorers[layer, t, p], saes[layer]
         latents = selected[layer, t, p][:k]
+        if not latents:
+            return None
         table = sc.table(latents)
         w = torch.tensor([r["mu_pos"] if settings.weights == "mu_pos" else r["mu_pos"] - r["mu_neg"]
                           for r in table])
@@ -309,19 +338,25 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         u, zbar = diff_of_means(acts_pos[t, p][:, i : i + 1], acts_neg[t, p][:, i : i + 1])
         return Steer(layer=layer, vector=u[0], mode="adjust_rs", zbar=float(zbar[0]))
 
-    def spec_sdcv(layer: int, t: str, p: str) -> Steer:
+    def spec_sdcv(layer: int, t: str, p: str) -> Steer | None:
+        if not selected[layer, t, p]:
+            return None
         i = layers.index(layer)
         u, _ = diff_of_means(acts_pos[t, p][:, i : i + 1], acts_neg[t, p][:, i : i + 1])
         d = sdcv(u[0], saes[layer], selected[layer, t, p][: settings.k])
         d = d / d.norm()
         return Steer(layer=layer, vector=d, mode="adjust_rs", zbar=float((acts_pos[t, p][:, i] @ d).mean()))
 
-    def spec_clamp(layer: int, t: str, p: str) -> ClampLatents:
+    def spec_clamp(layer: int, t: str, p: str) -> ClampLatents | None:
         latents = selected[layer, t, p][: settings.k]
+        if not latents:
+            return None
         values = torch.tensor([r["mu_pos"] for r in scorers[layer, t, p].table(latents)])
         return ClampLatents(sae=saes[layer], latents=latents, values=values, layer=layer)
 
-    def spec_top1(layer: int, t: str, p: str) -> Steer:
+    def spec_top1(layer: int, t: str, p: str) -> Steer | None:
+        if not selected[layer, t, p]:
+            return None
         # the best latent's direction added with the strength that moves its code from mu- to mu+, decaying
         j = selected[layer, t, p][0]
         r = scorers[layer, t, p].table([j])[0]
@@ -336,7 +371,8 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         u_all, zbar_all = torch.zeros(L, model.config.d_model), torch.zeros(L)
         for layer in layers:
             spec = spec_saif(layer, t, "post", settings.k)
-            u_all[layer], zbar_all[layer] = spec.vector, float(spec.zbar)
+            if spec is not None:
+                u_all[layer], zbar_all[layer] = spec.vector, float(spec.zbar)
         folder = f"vectors/{_tag(t)}"
         store.write_bytes(f"{folder}/vectors.safetensors", save({"u": u_all, "zbar": zbar_all},
                                                                 metadata={"format": "pt"}))
@@ -352,6 +388,8 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
                                "sae_sha256": sae_sha, "conditions": {}, "selected": {}}
     for (layer, t, p), latents in sorted(selected.items()):
         summary["selected"].setdefault(str(layer), {}).setdefault(p, {})[t] = latents[: settings.k]
+    summary["n_positive_latents"] = {f"{layer}/{p}/{t}": int((sc.scores(settings.method) > 0).sum())
+                                     for (layer, t, p), sc in sorted(scorers.items())}
     if not settings.steer:
         store.write_json("summary.json", summary)
         store.finish()
@@ -384,6 +422,7 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
     for name, meta, make in conditions:
         for t in types:
             specs, with_instruction, placement = make(t)
+            specs = [s for s in specs if s is not None]  # no selected latent: no steering (recorded as steered=0)
             samples = test[t, placement]
             texts_in = [s.positive if with_instruction else s.negative for s in samples]
             unit = _tag("gen", name, t)
@@ -395,11 +434,11 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
             for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
                 v = judge.judge(s, text)
                 results.append([name, t, i, meta.get("layer", ""), meta.get("k", ""), meta.get("positions", "all"),
-                                meta.get("placement", "post"), int(v.strict), int(v.loose),
+                                meta.get("placement", "post"), int(bool(specs)), int(v.strict), int(v.loose),
                                 round(repetition(text), 4), text])
             if progress is not None:
                 progress("steering", 1, n_units)
-    header = ["condition", "type", "index", "layer", "k", "positions", "placement", "strict", "loose",
+    header = ["condition", "type", "index", "layer", "k", "positions", "placement", "steered", "strict", "loose",
               "repetition", "response"]
     store.write_csv("results.csv", header, results)
 
@@ -408,7 +447,7 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         entry = {**meta, "by_type": {}}
         for t in [*types, None]:
             sel = [r for r in rows if t is None or r[1] == t]
-            acc = {"n": len(sel), "strict": sum(r[7] for r in sel) / len(sel), "loose": sum(r[8] for r in sel) / len(sel)}
+            acc = {"n": len(sel), "strict": sum(r[8] for r in sel) / len(sel), "loose": sum(r[9] for r in sel) / len(sel)}
             if t is None:
                 entry["overall"] = acc
             else:
