@@ -40,7 +40,7 @@ def train_toy_saes_command(
         with progress_bar(console) as bar:
             records = train_builtin_saes(model, out, _layers(layers), progress=bar_callback(bar))
     t = Table(title=f"{model}: SAEs written to {out}/{model} (held-out metrics)")
-    for col in ("hook", "FVU", "L0", "dead", "FVU last prompt token", "ΔCE", "KL", "seconds"):
+    for col in ("hook", "FVU", "L0", "dead", "FVU at last prompt token", "ΔCE", "KL", "seconds"):
         t.add_column(col, justify="right" if col != "hook" else "left")
     for r in records:
         h = r["heldout"]
