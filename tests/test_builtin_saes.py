@@ -7,10 +7,10 @@ import functools
 import json
 import random
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import olmo_iv
@@ -36,12 +36,12 @@ FVU_BOUND = 0.2
 """Every shipped SAE must explain at least 80% of the held-out variance."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str):
     return olmo_iv.load(name).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heldout(name: str, n: int):
     """The recorded held-out windows (same source, split, count and seed as the recipe) and last prompt indices."""
     m = _model(name)
