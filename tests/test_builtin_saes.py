@@ -232,3 +232,35 @@ def test_cli_command_is_registered():
 
     result = CliRunner().invoke(_typer_app, ["train-toy-saes", "--help"])
     assert result.exit_code == 0 and "SAELens format" in result.output
+
+
+def test_spliced_metrics_score_from_matches_a_direct_computation():
+    """score_from scores only the predictions from each window's given position on (here: the response)."""
+    import torch.nn.functional as F
+
+    from olmo_iv.sae.metrics import spliced_metrics
+
+    model = _model("toy-steer")
+    sae = builtin_sae("toy-steer", 1)
+    windows, last = _heldout("toy-steer", 400)
+    windows, last = windows[:5], last[:5]
+    exclude = special_ids(model.tokenizer, model.config)
+    got = spliced_metrics(model, sae, windows, exclude=exclude, batch_size=2, score_from=last)
+    nll = {"clean": [], "sae": []}
+    for w, start in zip(windows, last):
+        ids = torch.tensor([w])
+        keep = ~torch.isin(ids, torch.tensor(exclude))
+        with torch.no_grad():
+            clean = model(ids)
+            with spliced(model, sae, mask=keep):
+                recon = model(ids)
+        for key, logits in (("clean", clean), ("sae", recon)):
+            lp = F.log_softmax(logits[0, start:-1].float(), -1)
+            nll[key] += (-lp.gather(-1, ids[0, start + 1:, None])[:, 0]).tolist()
+    assert got["tokens"] == len(nll["clean"]) == sum(len(w) - 1 - s for w, s in zip(windows, last))
+    assert got["ce_clean"] == pytest.approx(sum(nll["clean"]) / len(nll["clean"]), rel=1e-5)
+    assert got["ce_sae"] == pytest.approx(sum(nll["sae"]) / len(nll["sae"]), rel=1e-5)
+    full = spliced_metrics(model, sae, windows, exclude=exclude, batch_size=2)
+    assert full["tokens"] == sum(len(w) - 1 for w in windows) and full["ce_clean"] != pytest.approx(got["ce_clean"])
+    with pytest.raises(OlmoIVError, match="score_from has 2 entries for 5 windows"):
+        spliced_metrics(model, sae, windows, score_from=last[:2])
