@@ -22,6 +22,7 @@ from olmo_iv.cli import (  # noqa: F401  (registers the commands)
     tasks,
     train_steer_toy,
     train_toy,
+    train_toy_saes,
 )
 from olmo_iv.cli.app import app as _typer_app
 from rich.console import Console

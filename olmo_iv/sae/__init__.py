@@ -8,6 +8,7 @@
     sae.save("out")                                # SAELens v6: cfg.json + sae_weights.safetensors
 
 Training: `olmo_iv.sae.train.train_sae` on a stream from `olmo_iv.sae.data`; `olmo-iv sae train` wraps both.
+Shipped SAEs for the toy models: `olmo_iv.sae.builtin` (`builtin_sae("toy-steer", 3)`, `resolve_sae`).
 """
 
 from olmo_iv.sae.arch import ARCHITECTURES, SAE, SAEConfig, SAEOutput

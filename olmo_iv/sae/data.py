@@ -62,6 +62,26 @@ def _ifeval_texts(arg: str) -> Iterator[str]:
 register_text_source("ifeval", _ifeval_texts)
 
 
+def _toy_steer_texts(arg: str) -> Iterator[str]:
+    """'toy-steer[:train|heldout[:N]]': toy-steer's chat conversations as it saw them in training (see
+    olmo_iv.toy.saes.steer_examples); each document is one whole conversation, best read with pack=False."""
+    from olmo_iv.toy.saes import source_texts
+
+    yield from source_texts("toy-steer", arg)
+
+
+def _toy_tasks_texts(arg: str) -> Iterator[str]:
+    """'toy-tasks[:train|heldout[:N]]': the toy's four subtasks in its training layouts, with answers (see
+    olmo_iv.toy.saes.toy_task_examples)."""
+    from olmo_iv.toy.saes import source_texts
+
+    yield from source_texts("toy-tasks", arg)
+
+
+register_text_source("toy-steer", _toy_steer_texts)
+register_text_source("toy-tasks", _toy_tasks_texts)
+
+
 def _hub_texts(repo_id: str) -> Iterator[str]:
     """A hub dataset's .txt/.jsonl files, downloaded through huggingface_hub (needs a network or the cache)."""
     from huggingface_hub import snapshot_download
@@ -85,8 +105,9 @@ register_text_source("hub", _hub_texts)
 def read_texts(source: str | os.PathLike, *, text_field: str | None = None) -> Iterator[str]:
     """Documents from a source: a .txt file (documents separated by blank lines), a .jsonl file (one object per
     line; `text_field`, else the first of text/prompt/content), a folder of those (sorted, recursive),
-    "tasks" / "tasks:NAME" (the vendored task prompts), "ifeval" (the vendored IFEval prompts), "hub:owner/name",
-    or a registered source name."""
+    "tasks" / "tasks:NAME" (the vendored task prompts), "ifeval" (the vendored IFEval prompts), "toy-steer" and
+    "toy-tasks" (the built-in toys' training text, olmo_iv.toy.saes), "hub:owner/name", or a registered source
+    name."""
     src = str(source)
     name, _, arg = src.partition(":")
     if name in _SOURCES and not Path(src).exists():
@@ -142,9 +163,13 @@ def special_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
 
 
 def token_windows(texts: Iterable[str], tokenizer: Any, context_size: int, *, separator: int | None = None,
-                  max_windows: int | None = None) -> list[list[int]]:
+                  max_windows: int | None = None, pack: bool = True) -> list[list[int]]:
     """Concatenate the documents (each followed by `separator`, e.g. <|endoftext|>) and cut windows of
-    `context_size` tokens. A final shorter window (>= 2 tokens) is kept."""
+    `context_size` tokens. A final shorter window (>= 2 tokens) is kept.
+
+    pack=False: one window per document (its tokens and the separator, truncated to `context_size`; documents
+    of fewer than 2 tokens are dropped), so that every document starts at position 0 as a chat model saw its
+    conversations in training."""
     if context_size < 2:
         raise OlmoIVError(f"context_size={context_size} must be >= 2")
     if max_windows is not None and max_windows < 1:
@@ -156,9 +181,15 @@ def token_windows(texts: Iterable[str], tokenizer: Any, context_size: int, *, se
     for text in texts:
         enc = tokenizer.encode(text, add_special_tokens=False) if _is_hf_tokenizers(tokenizer) else tokenizer.encode(text)
         ids = list(enc.ids) if hasattr(enc, "ids") else list(enc)
-        buf.extend(ids)
         if separator is not None:
-            buf.append(separator)
+            ids.append(separator)
+        if not pack:
+            if len(ids) >= 2:
+                windows.append(ids[:context_size])
+                if max_windows is not None and len(windows) >= max_windows:
+                    return windows
+            continue
+        buf.extend(ids)
         while len(buf) >= context_size:
             windows.append(buf[:context_size])
             buf = buf[context_size:]

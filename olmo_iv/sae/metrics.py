@@ -53,17 +53,23 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, hook_name: str | None = None,
-                    exclude: Sequence[int] | None = None, batch_size: int = 8,
+                    exclude: Sequence[int] | None = None, batch_size: int = 8, score_from: Sequence[int] | None = None,
                     progress: ProgressFn | None = None) -> dict[str, float]:
     """The model's next-token loss on `windows` clean, with the SAE's reconstruction spliced in at its hook,
     and with that activation zeroed. Returns ce_clean, ce_sae, ce_zero, ce_recovered = (ce_zero − ce_sae) /
     (ce_zero − ce_clean) (1 = as good as the model, 0 = as bad as deleting the activation), and kl_sae, the mean
-    KL(clean || spliced) per predicted token. Excluded tokens (BOS, <|endoftext|>) keep their activation."""
+    KL(clean || spliced) per predicted token. Excluded tokens (BOS, <|endoftext|>) keep their activation.
+
+    score_from: per window, the first position whose next-token prediction is scored (default 0: all). E.g. the
+    last prompt token, to score only the response of a model trained on responses alone; the SAE is still
+    spliced in at every position."""
     name = hook_name or sae.cfg.hook_name
     if not name:
         raise OlmoIVError("the SAE records no hook point: pass hook_name=")
     excl = torch.tensor(sorted(special_ids(getattr(model, "tokenizer", None), model.config) if exclude is None
                                else exclude), dtype=torch.long)
+    if score_from is not None and len(score_from) != len(windows):
+        raise OlmoIVError(f"score_from has {len(score_from)} entries for {len(windows)} windows")
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     n_tok = 0
     total = (len(windows) + batch_size - 1) // batch_size
@@ -75,6 +81,10 @@ def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, h
         for r, w in enumerate(chunk):
             ids[r, :len(w)] = torch.tensor(list(w))
             mask[r, :len(w)] = 1
+        scored = mask.clone()  # scored[:, t + 1] = 1: the prediction made at position t counts
+        if score_from is not None:
+            starts = torch.tensor([int(x) for x in score_from[i:i + batch_size]])
+            scored[:, 1:] *= torch.arange(width - 1)[None, :] >= starts[:, None]
         splice = mask.bool() & ~torch.isin(ids, excl) if excl.numel() else mask.bool()
         clean = model(ids)
         with model.hooks({name: sae_hook(sae, mask=splice)}):
@@ -85,18 +95,18 @@ def spliced_metrics(model: Any, sae: SAE, windows: Sequence[Sequence[int]], *, h
 
         with model.hooks({name: zero}):
             zeroed = model(ids)
-        sums["clean"] += float(_ce(clean, ids, mask).sum())
-        sums["sae"] += float(_ce(recon, ids, mask).sum())
-        sums["zero"] += float(_ce(zeroed, ids, mask).sum())
+        sums["clean"] += float(_ce(clean, ids, scored).sum())
+        sums["sae"] += float(_ce(recon, ids, scored).sum())
+        sums["zero"] += float(_ce(zeroed, ids, scored).sum())
         lp_c = F.log_softmax(clean[:, :-1].float(), -1)
         lp_s = F.log_softmax(recon[:, :-1].float(), -1)
-        kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1) * mask[:, 1:]
+        kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1) * scored[:, 1:]
         sums["kl"] += float(kl.sum())
-        n_tok += int(mask[:, 1:].sum())
+        n_tok += int(scored[:, 1:].sum())
         if progress is not None:
             progress("evaluating", 1, total)
     if n_tok == 0:
-        raise OlmoIVError("windows must hold at least one window of two or more tokens")
+        raise OlmoIVError("windows must hold at least one window of two or more tokens (with a scored prediction)")
     ce = {k: v / n_tok for k, v in sums.items()}
     gap = ce["zero"] - ce["clean"]
     recovered = (ce["zero"] - ce["sae"]) / gap if abs(gap) > 1e-12 else float("nan")
