@@ -98,7 +98,8 @@ def test_failed_start_on_a_bad_device_then_the_corrected_command(tmp_path):
 def test_importing_never_switches_the_matplotlib_backend():
     code = ("import matplotlib; matplotlib.use('svg'); import olmo_iv, olmo_iv.runs.figures, olmo_iv.runs.patch, "
             "olmo_iv.runs.paths, olmo_iv.runs.eval, olmo_iv.runs.probe, olmo_iv.runs.stats, olmo_iv.analysis.probes, "
-            "olmo_iv.analysis.paths, olmo_iv.analysis.superadditivity, olmo_iv.evals.inference, olmo_iv.cli.main; "
+            "olmo_iv.analysis.paths, olmo_iv.analysis.superadditivity, olmo_iv.evals.inference, olmo_iv.cli.main, "
+            "olmo_iv.runs.saif, olmo_iv.runs.bridge, olmo_iv.analysis.bridge, olmo_iv.analysis.latents; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "svg"

@@ -289,7 +289,7 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
     vocab = model.config.vocab_size
 
     def proximity(layer: int, latents: list[int], ids: list[int]) -> dict[int, dict]:
-        if not ids:
+        if not ids or not latents:
             return {}
         return {r["latent"]: r for r in instruction_proximity(model, saes[layer], latents, ids, k=50)}
 

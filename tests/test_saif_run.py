@@ -1,0 +1,92 @@
+"""The SAIF run (olmo_iv.runs.saif): its tables agree with each other and with the library, exported vectors steer
+exactly as the run did, and a run resumes and refuses bad settings with clear errors."""
+
+import csv
+import json
+
+import pytest
+
+from olmo_iv.errors import OlmoIVError
+from olmo_iv.runs.saif import SaifSettings, run_saif, run_saif_steer
+from olmo_iv.runs.store import RunFinished
+
+TYPES = ["change_case:english_capital", "startend:quotation"]
+
+
+def small(**kw) -> SaifSettings:
+    base = dict(types=TYPES, n_train=12, n_test=4, ks=[1, 4], k=4, max_new_tokens=24, batch_size=32)
+    return SaifSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saif") / "run"
+    return out, run_saif(small(), out)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_matches_results(run):
+    out, summary = run
+    rows = _rows(out / "results.csv")
+    assert {r["condition"] for r in rows} == set(summary["conditions"])
+    for name, entry in summary["conditions"].items():
+        for t in TYPES:
+            sel = [r for r in rows if r["condition"] == name and r["type"] == t]
+            assert len(sel) == 4
+            assert entry["by_type"][t]["strict"] == pytest.approx(sum(int(r["strict"]) for r in sel) / len(sel))
+            assert entry["by_type"][t]["loose"] == pytest.approx(sum(int(r["loose"]) for r in sel) / len(sel))
+    # strict implies loose, response by response
+    assert all(int(r["loose"]) >= int(r["strict"]) for r in rows)
+    for name in ("conditions", "k_sweep", "layer_sweep", "placement"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
+
+
+def test_latents_table_respects_exclusion(run):
+    out, summary = run
+    rows = _rows(out / "latents.csv")
+    assert rows
+    for r in rows:  # the saif score excludes latents firing on more than tau of the negatives
+        assert float(r["f_neg"]) <= summary["settings"]["tau"] + 1e-12
+        assert float(r["mu_pos"]) >= float(r["mu_neg"]) or float(r["score"]) <= 0
+    layer = str(summary["layer"])
+    for t in TYPES:
+        top = [int(r["latent"]) for r in rows if r["layer"] == layer and r["type"] == t and r["placement"] == "post"]
+        assert top[: summary["settings"]["k"]] == summary["selected"][layer]["post"][t]
+
+
+def test_exported_vector_steers_as_the_run_did(run, tmp_path):
+    """`saif steer` with the exported vector reproduces the run's own saif_k{k} responses token for token."""
+    from olmo_iv.tasks.saif import build_samples
+
+    out, summary = run
+    k = summary["settings"]["k"]
+    t = TYPES[0]
+    samples = build_samples(summary["source"], t, n=4, placement="post", split="test", seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": s.negative}) + "\n" for s in samples))
+    got = run_saif_steer(out, t, prompts, tmp_path / "steer", max_new_tokens=24, batch_size=32)
+    want = [r["response"] for r in _rows(out / "results.csv") if r["condition"] == f"saif_k{k}" and r["type"] == t]
+    assert [r["text"] for r in got] == want
+
+
+def test_finished_run_says_so_and_other_settings_are_refused(run):
+    out, _ = run
+    with pytest.raises(RunFinished):
+        run_saif(small(), out)
+    with pytest.raises(OlmoIVError, match="k"):
+        run_saif(small(k=2), out)
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(OlmoIVError, match="types="):
+        run_saif(small(types=["no_such_type"]), tmp_path / "a")
+    with pytest.raises(OlmoIVError, match="layer=7"):
+        run_saif(small(layer=7), tmp_path / "b")
+    with pytest.raises(OlmoIVError, match="k="):
+        small(k=0)
+    with pytest.raises(OlmoIVError, match="tau="):
+        small(tau=float("nan"))
