@@ -86,13 +86,14 @@ def bridge(
     con.print(f"files: {escape(str(out))}/ ({', '.join(summary['files'])})")
 
 
-def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, weights, n_train, n_test,
-                   max_new_tokens, style, batch_size, seed, device, dtype, steer: bool):
+def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights, n_train,
+                   n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer: bool):
     from olmo_iv.runs.saif import SaifSettings
 
     kw = {} if ks is None else {"ks": _ints(ks, "ks")}
     return SaifSettings(model=model, sae=sae, source=source, types=types.split(",") if types else None, layer=layer,
-                        layers=_ints(layers, "layers"), k=k, method=method, tau=tau, weights=weights,
+                        layers=_ints(layers, "layers"), k=k, method=method, tau=tau, variants_by=variants_by,
+                        weights=weights,
                         n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens, style=style,
                         batch_size=batch_size, seed=seed, device=device, dtype=dtype, steer=steer, **kw)
 
@@ -108,6 +109,8 @@ LAYERS = typer.Option(None, help="Layers to score and sweep, comma-separated (de
 K = typer.Option(8, help="Latents selected for the main comparison.")
 METHOD = typer.Option("saif", help="Latent score: saif, mean_diff, freq_diff, consistency, cohen_d or auroc.")
 TAU = typer.Option(0.1, help="saif: exclude latents firing on more than this share of the negatives.")
+VARIANTS_BY = typer.Option("language", help="Unit of consistency: language (each translation, paraphrases pooled) "
+                           "or phrasing (each paraphrase alone).")
 WEIGHTS = typer.Option("mu_pos", help="Decoder directions weighted by mu_pos or mean_diff.")
 N_TRAIN = typer.Option(48, help="Contents per type scored (positives and negatives).")
 N_TEST = typer.Option(16, help="Held-out contents per type steered.")
@@ -121,7 +124,8 @@ def run(
     model: str = MODEL, sae: str = SAE, source: str = SOURCE, types: str = TYPES, layer: int = LAYER,
     layers: str = LAYERS, k: int = K,
     ks: str = typer.Option("1,2,4,8,16,32", help="The k-sweep, comma-separated."),
-    method: str = METHOD, tau: float = TAU, weights: str = WEIGHTS, n_train: int = N_TRAIN, n_test: int = N_TEST,
+    method: str = METHOD, tau: float = TAU, variants_by: str = VARIANTS_BY, weights: str = WEIGHTS,
+    n_train: int = N_TRAIN, n_test: int = N_TEST,
     max_new_tokens: int = typer.Option(64, help="New tokens per response."),
     style: str = STYLE, batch_size: int = BATCH, seed: int = SEED,
     out: Path = out_option("runs/saif"),
@@ -132,8 +136,8 @@ def run(
     from olmo_iv.runs.saif import run_saif
 
     con = console()
-    settings = _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, weights, n_train,
-                              n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer=True)
+    settings = _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights,
+                              n_train, n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer=True)
     with progress_bar(con) as bar:
         summary = run_saif(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     from rich.table import Table
@@ -155,8 +159,8 @@ def run(
 @saif_app.command("score")
 def score(
     model: str = MODEL, sae: str = SAE, source: str = SOURCE, types: str = TYPES, layer: int = LAYER,
-    layers: str = LAYERS, k: int = K, method: str = METHOD, tau: float = TAU, weights: str = WEIGHTS,
-    n_train: int = N_TRAIN, style: str = STYLE, batch_size: int = BATCH, seed: int = SEED,
+    layers: str = LAYERS, k: int = K, method: str = METHOD, tau: float = TAU, variants_by: str = VARIANTS_BY,
+    weights: str = WEIGHTS, n_train: int = N_TRAIN, style: str = STYLE, batch_size: int = BATCH, seed: int = SEED,
     out: Path = out_option("runs/saif-score"),
     device: str = DEVICE, dtype: str = DTYPE, overwrite: bool = OVERWRITE,
 ) -> None:
@@ -165,8 +169,8 @@ def score(
     from olmo_iv.runs.saif import run_saif
 
     con = console()
-    settings = _saif_settings(model, sae, source, types, layer, layers, k, None, method, tau, weights, n_train,
-                              16, 64, style, batch_size, seed, device, dtype, steer=False)
+    settings = _saif_settings(model, sae, source, types, layer, layers, k, None, method, tau, variants_by, weights,
+                              n_train, 16, 64, style, batch_size, seed, device, dtype, steer=False)
     with progress_bar(con) as bar:
         summary = run_saif(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     for t, latents in summary["selected"][str(summary["layer"])]["post"].items():
