@@ -90,3 +90,28 @@ def test_bad_settings_are_clear_errors(tmp_path):
         small(k=0)
     with pytest.raises(OlmoIVError, match="tau="):
         small(tau=float("nan"))
+
+
+DRIVER = """
+import json, sys
+from olmo_iv.runs.saif import SaifSettings, run_saif
+run_saif(SaifSettings(**json.loads(sys.argv[2])), sys.argv[1])
+"""
+
+
+def test_a_killed_run_continues_to_the_uninterrupted_result(run, tmp_path):
+    from tests.killing import done_markers, kill_after, payloads
+
+    whole, _ = run
+    killed = tmp_path / "killed"
+    kw = {k: v for k, v in vars(small()).items()}
+    kill_after(DRIVER, [str(killed), json.dumps(kw)], killed, units=5)
+    before = done_markers(killed)
+    assert 5 <= len(before) < len(done_markers(whole)) and not (killed / "summary.json").exists()
+    run_saif(small(), killed)
+    after = done_markers(killed)
+    assert set(after) == set(done_markers(whole))  # no unit lost
+    assert {u: after[u] for u in before} == before  # no finished unit computed again
+    assert payloads(killed) == payloads(whole)
+    for name in ("latents.csv", "results.csv"):
+        assert (killed / name).read_text() == (whole / name).read_text(), name
