@@ -142,6 +142,14 @@ def _as_ids(seq, device: torch.device) -> Tensor:
     return t
 
 
+def _answer_ids(model: OLMo2, answers: Sequence[int], device: torch.device) -> Tensor:
+    """The answer ids as a tensor on `device`, each checked to lie in the vocabulary."""
+    for a in answers:
+        if not 0 <= int(a) < model.config.vocab_size:
+            raise OlmoIVError(f"answer id {a} is outside the vocabulary [0, {model.config.vocab_size})")
+    return torch.tensor([int(a) for a in answers], dtype=torch.long, device=device)
+
+
 def _row_budget(model: OLMo2, length: int) -> int:
     """Rows per forward: activations of about 1/8 of the device's memory (total, not free, so the batching and
     with it the last bits of every result are the same on every run on a machine)."""
@@ -195,10 +203,7 @@ def patch_vectors(model: OLMo2, targets: Sequence[Tensor], answers: Sequence[int
                           f"give one answer and a [variants, {model.config.d_model}] block of vectors per target")
     if not bool(torch.isfinite(vectors).all()):
         raise OlmoIVError("vectors holds NaN or infinite values: a patched run would be meaningless")
-    for a in answers:
-        if not 0 <= int(a) < model.config.vocab_size:
-            raise OlmoIVError(f"answer id {a} is outside the vocabulary [0, {model.config.vocab_size})")
-    answers_t = torch.tensor([int(a) for a in answers], dtype=torch.long, device=device)
+    answers_t = _answer_ids(model, answers, device)
     targets = [_as_ids(t, device) for t in targets]
     positions = [target_pos] * n if isinstance(target_pos, int) else list(target_pos)
     if len(positions) != n:
@@ -297,10 +302,7 @@ def _patch_layers(model, sources, targets, answers, layer_sets, *, source_pos, t
     column = {s: [] for s in sets}
     for j, s in enumerate(sets):
         column[s].append(j)
-    for a in answers:
-        if not 0 <= int(a) < model.config.vocab_size:
-            raise OlmoIVError(f"answer id {a} is outside the vocabulary [0, {model.config.vocab_size})")
-    answers_t = torch.tensor([int(a) for a in answers], dtype=torch.long, device=device)
+    answers_t = _answer_ids(model, answers, device)
     targets = [_as_ids(t, device) for t in targets]
     positions = [target_pos] * n if isinstance(target_pos, int) else list(target_pos)
     positions = [_resolve(p, len(t), "target_pos") for p, t in zip(positions, targets)]
