@@ -1,7 +1,8 @@
 """The wheel's package list covers every package in olmo_iv/ (an editable install would hide a missing one)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
