@@ -9,7 +9,7 @@ from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console
 from rich.markup import escape
 
 
-def _layers(text: str | None) -> list[int] | None:
+def _ints(text: str | None, name: str = "layers") -> list[int] | None:
     from olmo_iv.errors import OlmoIVError
 
     if not text:
@@ -17,7 +17,7 @@ def _layers(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise OlmoIVError(f"layers={text!r}: give layer numbers separated by commas, e.g. 0,2,4") from None
+        raise OlmoIVError(f"{name}={text!r}: give numbers separated by commas, e.g. 0,2,4") from None
 
 
 steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
@@ -109,7 +109,7 @@ def format_(
 
     con = console()
     settings = FormatSettings(model=model, data=None if data is None else str(data),
-                              layers=_layers(layers), mode=mode, coef=coef,
+                              layers=_ints(layers), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
                               batch_size=batch_size, device=device, dtype=dtype)
     with progress_bar(con) as bar:
@@ -160,27 +160,40 @@ def keywords(
 def length(
     model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
     layer: int = typer.Option(None, help="Steered layer (default: two thirds of the way up)."),
-    coef: float = typer.Option(20.0, help="Multiple of the conciseness vector added (Stolfo: 20)."),
-    n_pairs: int = typer.Option(50, help="Queries for the vector."),
-    n_test: int = typer.Option(50, help="Held-out queries for the test."),
+    coef: float = typer.Option(20.0, help="Multiple of each level vector added (Stolfo: 20, the conciseness vector)."),
+    levels: str = typer.Option("0,1,2,3,4", help="Level vectors tested, comma-separated: 0 extremely concise (the conciseness vector), 1 concise, 2 moderate, 3 verbose, 4 extremely verbose."),
+    n_pairs: int = typer.Option(50, help="Base queries per level vector (the first ones)."),
+    n_test: int = typer.Option(50, help="Held-out queries for the test (the last ones)."),
     max_sentences: int = typer.Option(5, help="Test 'at most N sentences' for N = 1..this."),
     max_new_tokens: int = typer.Option(128, help="New tokens per response."),
     style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch."),
+    seed: int = typer.Option(0, help="Seed of the phrasing drawn per query and level."),
     out: Path = out_option("runs/steer-length"),
     device: str = DEVICE,
     dtype: str = DTYPE,
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Stolfo's length experiment: a conciseness vector added while the prompt asks for at most N sentences."""
+    """Stolfo's length experiment: a vector per level of vague length phrasing, each added while the prompt asks
+    for at most N sentences; strict accuracy and mean sentence and word counts per N."""
+    from rich.table import Table
+
     from olmo_iv.runs.steer import LengthSettings, run_length
 
     con = console()
-    settings = LengthSettings(model=model, layer=layer, coef=coef, n_pairs=n_pairs, n_test=n_test,
-                              max_sentences=max_sentences, max_new_tokens=max_new_tokens, style=style,
+    settings = LengthSettings(model=model, layer=layer, coef=coef, levels=_ints(levels, "levels") or [],
+                              n_pairs=n_pairs, n_test=n_test, max_sentences=max_sentences,
+                              max_new_tokens=max_new_tokens, style=style, batch_size=batch_size, seed=seed,
                               device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_length(settings, out, overwrite=overwrite, progress=bar_callback(bar))
-    for key, e in summary["by_condition"].items():
-        con.print(f"at most {key}: strict {100 * e['strict']:.0f}%, {e['mean_sentences']:.1f} sentences, "
-                  f"{e['mean_words']:.0f} words (n={e['n']})")
-    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")
+    table = Table(title=f"At most N sentences, layer {summary['layer']}: strict % / mean sentences / mean words")
+    table.add_column("N")
+    conds = list(summary["by_vector"])
+    for c in conds:
+        table.add_column(c.replace("instruction+", "+ ").replace("_", " "), justify="right")
+    for n in range(1, settings.max_sentences + 1):
+        table.add_row(str(n), *(f"{100 * e['strict']:.0f} / {e['mean_sentences']:.1f} / {e['mean_words']:.0f}"
+                                for e in (summary["by_condition"][f"{n}/{c}"] for c in conds)))
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json, length.png/.pdf, vectors/level*/)")

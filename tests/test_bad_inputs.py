@@ -79,6 +79,8 @@ CASES = [
      "--max-new-tokens 0"),
     (["steer", "keywords", "--task", "both"], "--task 'both'"),
     (["steer", "length", "--coef", "nan"], "--coef nan"),
+    (["steer", "length", "--levels", "0,9"], "--levels [0, 9]: give distinct levels among 0..4"),
+    (["steer", "length", "--levels", "a"], "--levels 'a'"),
     (["ifeval", "--model", "toy", "--batch-size", "0"], "--batch-size 0"),
     (["sweep", "{tmp}/none.toml"], "no such spec file"),
     (["sweep", "{file}"], "give a .toml, .yaml or .yml file"),

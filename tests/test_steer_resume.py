@@ -52,8 +52,8 @@ def _done_markers(run: Path) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-def _payloads(run: Path) -> dict[str, str]:
-    return {f"{p.parent.name}/{p.name}": p.read_text() for p in sorted(run.glob("units/*/*"))
+def _payloads(run: Path) -> dict[str, bytes]:
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(run.glob("units/*/*"))
             if p.name != "done.json"}
 
 
@@ -75,7 +75,7 @@ def _kill_after(kind: str, kw: dict, out: Path, units: int) -> None:
      ["results.csv", "layers.csv", "summary.json"]),
     ("keywords", dict(model="toy", task="include", limit=6, n_pairs=2, max_new_tokens=4, coef=5.0),
      ["results.csv", "summary.json"]),
-    ("length", dict(model="toy", n_pairs=3, n_test=2, max_sentences=3, max_new_tokens=6, coef=5.0),
+    ("length", dict(model="toy", n_pairs=3, n_test=2, max_sentences=2, levels=[0, 3], max_new_tokens=6, coef=5.0),
      ["results.csv", "summary.json"]),
 ], ids=["format", "keywords", "length"])
 def test_a_killed_run_continues_to_the_uninterrupted_result(tmp_path, kind, kw, outputs):

@@ -377,3 +377,30 @@ def layer_sweep(rows: list[list]) -> Figure:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines reach every corner
     return fig
+
+
+def length_levels(summary: dict) -> Figure:
+    """Stolfo's length experiment: per 'at most N sentences' prompt, the mean sentence count (left) and the strict
+    accuracy (right) with the instruction alone (black, dashed) and with each level vector added."""
+    n_max = summary["settings"]["max_sentences"]
+    ns = list(range(1, n_max + 1))
+    fig = Figure(figsize=(8.4, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colors = ["#2166ac", "#67a9cf", "#1b9e77", "#ef8a62", "#b2182b"]  # concise blue, moderate green, verbose red
+    for cond, entry in summary["by_vector"].items():
+        level = entry["level"]
+        style = {"color": "black", "ls": "--"} if level is None else {"color": colors[level]}
+        label = "instruction only" if level is None else f"+ level {level} ({cond.split('+', 1)[1].replace('_', ' ')})"
+        rows = [summary["by_condition"][f"{n}/{cond}"] for n in ns]
+        left.plot(ns, [e["mean_sentences"] for e in rows], marker="o", ms=3, label=label, **style)
+        right.plot(ns, [100 * e["strict"] for e in rows], marker="o", ms=3, **style)
+    left.plot(ns, ns, color="0.7", lw=0.8, zorder=0)  # the limit each prompt sets
+    left.set(xlabel="N in 'at most N sentences'", ylabel="mean sentences per response", ylim=(0, None))
+    right.set(xlabel="N in 'at most N sentences'", ylabel="strict accuracy (%)", ylim=(0, 105))
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.legend(fontsize=7, loc="outside right upper")
+    fig.suptitle(f"Length steering at layer {summary['layer']} (c = {summary['settings']['coef']:g}, "
+                 f"n = {summary['by_condition']['1/instruction']['n']} queries)",
+                 fontsize=9)
+    return fig

@@ -470,23 +470,51 @@ def run_keywords(settings: KeywordSettings, out: str | Path, *, overwrite: bool 
 # --------------------------------------------------------------------------------------------------- length
 
 LENGTH_QUERIES = KEYWORD_DATA / "ifeval_wo_instructions.jsonl"
-CONCISE = "Answer extremely concisely."
+LENGTH_PHRASINGS = KEYWORD_DATA / "length_phrasings.json"
+LENGTH_LEVELS = ("extremely_concise", "concise", "moderate", "verbose", "extremely_verbose")
+"""Stolfo's five levels of vague length phrasings; level 0's vector is the conciseness vector."""
+
+
+def length_phrasings() -> list[list[str]]:
+    """Per level (LENGTH_LEVELS order), its phrasings (vendored from Stolfo et al.'s repository)."""
+    levels = json.loads(LENGTH_PHRASINGS.read_text())["levels"]
+    if [lv["name"] for lv in levels] != list(LENGTH_LEVELS):
+        raise OlmoIVError(f"{LENGTH_PHRASINGS} must list the levels {', '.join(LENGTH_LEVELS)} in order")
+    return [list(lv["phrasings"]) for lv in levels]
+
+
+def length_pairs(queries: list[str], level: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(query + one of the level's phrasings, query) per query; the phrasing is drawn per query and level, as
+    the authors draw one per row, from a seeded generator so that a run is reproducible."""
+    import random
+
+    phrasings = length_phrasings()
+    if not 0 <= level < len(phrasings):
+        raise OlmoIVError(f"level={level}: the length levels are 0..{len(phrasings) - 1}")
+    return [(f"{q} {random.Random(f'{seed}/{i}/{level}').choice(phrasings[level])}", q)
+            for i, q in enumerate(queries)]
 
 
 @dataclass
 class LengthSettings(GenerationSettings):
-    """Stolfo's length experiment: a conciseness vector from (query + a vague conciseness phrase, query) pairs,
-    added while the prompt asks for at most N sentences (N = 1..5), on held-out queries."""
+    """Stolfo's length experiment: a vector per level of vague length phrasing (0 extremely concise, the
+    conciseness vector, ... 4 extremely verbose) from (query + phrasing, query) pairs, each added in its own
+    condition while the prompt asks for at most N sentences (N = 1..max_sentences), on held-out queries."""
 
     model: str = "toy"
     layer: int | None = None
     """Steered layer; None: two thirds of the way up."""
     coef: float = 20.0
-    """The multiple of the conciseness vector added (Stolfo: 20)."""
+    """The multiple of each level vector added (Stolfo: 20, with the conciseness vector)."""
+    levels: list[int] = field(default_factory=lambda: list(range(len(LENGTH_LEVELS))))
+    """Level vectors tested, each in its own condition (index into LENGTH_LEVELS)."""
     n_pairs: int = 50
-    """Queries for the vector (the first ones); the test uses the next `n_test`."""
+    """Base queries per level vector (the first ones, as the authors'); every level uses the same queries."""
     n_test: int = 50
+    """Held-out test queries (the last ones, as the authors')."""
     max_sentences: int = 5
+    seed: int = 0
+    """Seed of the phrasing drawn per query and level."""
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
@@ -495,31 +523,60 @@ class LengthSettings(GenerationSettings):
         check_range("n_pairs", self.n_pairs, 1)
         check_range("n_test", self.n_test, 1)
         check_range("max_sentences", self.max_sentences, 1)
+        if self.layer is not None:
+            check_range("layer", self.layer, 0)
+        if not self.levels or len(set(self.levels)) != len(self.levels) or \
+                not all(0 <= k < len(LENGTH_LEVELS) for k in self.levels):
+            raise OlmoIVError(f"levels={self.levels}: give distinct levels among 0..{len(LENGTH_LEVELS) - 1} "
+                              f"({', '.join(f'{k} {n}' for k, n in enumerate(LENGTH_LEVELS))})")
+
+
+def length_condition(level: int | None) -> str:
+    """The condition name of a level vector (None: the instruction alone)."""
+    return "instruction" if level is None else f"instruction+{LENGTH_LEVELS[level]}"
 
 
 def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = False,
                progress: ProgressFn | None = None) -> dict:
-    """Per N: IFEval `length_constraints:number_sentences` (fewer than N + 1, i.e. at most N) strict accuracy and
-    the mean sentence and word counts, with and without the conciseness vector."""
+    """Per N and condition (the instruction alone, or with one level vector added): IFEval
+    `length_constraints:number_sentences` (fewer than N + 1, i.e. at most N) strict accuracy and the mean sentence
+    and word counts. Writes results.csv, summary.json, length.{png,pdf} and each level's vectors under
+    vectors/level{k}/ (usable by `steer generate --vectors` and `--also`)."""
     from olmo_iv.chat import format_prompt
     from olmo_iv.evals.ifeval import check_instruction
     from olmo_iv.evals.ifeval.text import count_sentences, count_words
     from olmo_iv.generate import encode
+    from olmo_iv.runs import figures
 
     queries = [r["model_output"].strip() for _, r in read_jsonl(LENGTH_QUERIES, "data") if r.get("model_output")]
     if len(queries) < settings.n_pairs + settings.n_test:
         raise OlmoIVError(f"n_pairs={settings.n_pairs} + n_test={settings.n_test} exceed the {len(queries)} queries")
-    train, test = queries[: settings.n_pairs], queries[settings.n_pairs : settings.n_pairs + settings.n_test]
+    train, test = queries[: settings.n_pairs], queries[len(queries) - settings.n_test :]
     store = RunStore.open(out, "steer-length", asdict(settings), models=[settings.model], overwrite=overwrite)
     model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
-    layer = settings.layer if settings.layer is not None else (2 * model.config.n_layers) // 3
-    vecs = compute_vectors(model, [(f"{q} {CONCISE}", q) for q in train], style=settings.style,
-                           batch_size=settings.batch_size)
-    spec = vecs.spec(layer, mode="add", coef=settings.coef)
-    rows, summary_rows = [], {}
+    L = model.config.n_layers
+    layer = settings.layer if settings.layer is not None else (2 * L) // 3
+    if not 0 <= layer < L:
+        raise OlmoIVError(f"layer={layer}: this model has layers 0..{L - 1}")
+    vecs: dict[int, SteeringVectors] = {}
+    for k in settings.levels:  # a unit each, so that a resumed run steers with the very same vectors
+        unit = f"vectors_level{k}"
+        if not store.done(unit):
+            v = compute_vectors(model, length_pairs(train, k, settings.seed), style=settings.style,
+                                batch_size=settings.batch_size)
+            v.meta.update(model=settings.model, level=k, level_name=LENGTH_LEVELS[k])
+            store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
+                                  "vectors.json": v.meta})
+        vecs[k] = SteeringVectors.load(store.unit_dir(unit))
+        if progress is not None:
+            progress("vectors", 1, len(settings.levels))
+    conditions = [None, *settings.levels]
+    rows, by_condition = [], {}
     for n in range(1, settings.max_sentences + 1):
         prompts = [f"{q} Answer using at most {n} sentence{'s' if n > 1 else ''}." for q in test]
-        for cond, specs in (("instruction", []), ("instruction+steer", [spec])):
+        for level in conditions:
+            cond = length_condition(level)
+            specs = [] if level is None else [vecs[level].spec(layer, mode="add", coef=settings.coef)]
             unit = f"n{n}_{cond.replace('+', '_')}"
             if not store.done(unit):
                 ids = [encode(model.tokenizer, format_prompt(model, p, style=settings.style)) for p in prompts]
@@ -531,15 +588,32 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
                                     {"num_sentences": n + 1, "relation": "less than"}) for t in texts]
             sentences = [count_sentences(t) for t in texts]
             words = [count_words(t) for t in texts]
-            summary_rows[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
+            by_condition[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
                                            "mean_sentences": sum(sentences) / len(texts),
                                            "mean_words": sum(words) / len(texts)}
-            rows += [[n, cond, int(o), s, w, t] for o, s, w, t in zip(ok, sentences, words, texts, strict=True)]
+            rows += [[n, cond, -1 if level is None else level, q, int(o), s, w, t]
+                     for q, o, s, w, t in zip(range(len(test)), ok, sentences, words, texts, strict=True)]
             if progress is not None:
-                progress("length", 1, 2 * settings.max_sentences)
-    store.write_csv("results.csv", ["max_sentences", "condition", "strict", "sentences", "words", "response"], rows)
+                progress("length", 1, settings.max_sentences * len(conditions))
+    store.write_csv("results.csv", ["max_sentences", "condition", "level", "query", "strict", "sentences", "words",
+                                    "response"], rows)
+    by_vector = {}
+    for level in conditions:
+        cond = length_condition(level)
+        per_n = [by_condition[f"{n}/{cond}"] for n in range(1, settings.max_sentences + 1)]
+        by_vector[cond] = {"level": level, "strict": sum(e["strict"] for e in per_n) / len(per_n),
+                           "mean_sentences": sum(e["mean_sentences"] for e in per_n) / len(per_n),
+                           "mean_words": sum(e["mean_words"] for e in per_n) / len(per_n)}
+    phrasings = length_phrasings()
+    for k in settings.levels:
+        store.write_bytes(f"vectors/level{k}/vectors.safetensors", save(vecs[k].tensors(), metadata={"format": "pt"}))
+        store.write_json(f"vectors/level{k}/vectors.json", vecs[k].meta)
     summary = {"settings": asdict(settings), "layer": layer, "checkpoints": store.checkpoints, "versions": versions(),
-               "by_condition": summary_rows}
+               "levels": [{"level": k, "name": LENGTH_LEVELS[k], "condition": length_condition(k),
+                           "phrasings": phrasings[k], "vectors": f"vectors/level{k}"} for k in settings.levels],
+               "conciseness": length_condition(0) if 0 in settings.levels else None,
+               "by_condition": by_condition, "by_vector": by_vector}
     store.write_json("summary.json", summary)
+    store.save_figure("length", figures.length_levels(summary))
     store.finish()
     return summary
