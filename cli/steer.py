@@ -98,6 +98,9 @@ def format_(
     style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
     batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
     seed: int = typer.Option(0, help="Seed of the folds."),
+    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (cross-model transfer, e.g. instruct -> base; same width needed)."),
+    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
+    nll: bool = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model."),
     out: Path = out_option("runs/steer-format"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -111,7 +114,8 @@ def format_(
     settings = FormatSettings(model=model, data=None if data is None else str(data),
                               layers=_ints(layers), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
-                              batch_size=batch_size, device=device, dtype=dtype)
+                              batch_size=batch_size, vectors_from=vectors_from, vectors_style=vectors_style, nll=nll,
+                              device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_format(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     from rich.table import Table
@@ -125,6 +129,53 @@ def format_(
         table.add_row(iid, *(f"{100 * e[c]['strict']:.0f} (n={e[c]['n']})" for c in conds))
     con.print(table)
     con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, conditions.png/.pdf, layers.png/.pdf)")
+
+
+@steer_app.command("layers")
+def layers_(
+    model: str = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set)."),
+    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
+    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
+    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    n_valid: int = typer.Option(10, help="Held-out validation rows per instruction (the authors': 10); the others build its vector."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(0, help="Seed of the validation draw."),
+    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (same width needed)."),
+    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
+    nll: bool = typer.Option(True, help="Also score each response by its mean token NLL under the unsteered model."),
+    out: Path = out_option("runs/steer-layers"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's layer selection on its own: per instruction, loose accuracy of steering its held-out rows without
+    the instruction at each candidate layer, with the degeneration filter; layers.csv, a figure, the chosen layers."""
+    from rich.table import Table
+
+    from olmo_iv.runs.steer import LayerSearchSettings, run_layers
+
+    con = console()
+    settings = LayerSearchSettings(model=model, data=None if data is None else str(data), layers=_ints(layers),
+                                   mode=mode, coef=coef, n_valid=n_valid, seed=seed, max_new_tokens=max_new_tokens,
+                                   style=style, batch_size=batch_size, vectors_from=vectors_from,
+                                   vectors_style=vectors_style, nll=nll, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_layers(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    table = Table(title="Loose accuracy (%) without the instruction, after the degeneration filter")
+    table.add_column("instruction")
+    for c in ["none", *map(str, summary["candidates"])]:
+        table.add_column(c, justify="right")
+    table.add_column("chosen", justify="right")
+    for iid, scores in summary["by_instruction"].items():
+        table.add_row(iid, *(f"{100 * s['kept']:.0f}" for s in scores),
+                      "none" if summary["chosen"][iid] == -1 else str(summary["chosen"][iid]))
+    con.print(table)
+    over = summary["overall_layer"]
+    con.print(f"one layer for all instructions: {'none (no layer beats no steering)' if over == -1 else over}")
+    con.print(f"files: {escape(str(out))}/ (layers.csv, summary.json, layers.png/.pdf, vectors/<instruction>/)")
 
 
 @steer_app.command("keywords")

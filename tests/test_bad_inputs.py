@@ -81,6 +81,8 @@ CASES = [
     (["steer", "length", "--coef", "nan"], "--coef nan"),
     (["steer", "length", "--levels", "0,9"], "--levels [0, 9]: give distinct levels among 0..4"),
     (["steer", "length", "--levels", "a"], "--levels 'a'"),
+    (["steer", "layers", "--n-valid", "0"], "--n-valid 0"),
+    (["steer", "layers", "--vectors-from", "toy", "--layers", "5"], "--layers [5]: layer 5 is outside 0..3"),
     (["ifeval", "--model", "toy", "--batch-size", "0"], "--batch-size 0"),
     (["sweep", "{tmp}/none.toml"], "no such spec file"),
     (["sweep", "{file}"], "give a .toml, .yaml or .yml file"),

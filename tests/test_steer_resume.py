@@ -1,4 +1,4 @@
-"""Steering experiments (`steer format`, `keywords`, `length`) killed with SIGKILL after some units are done, then
+"""Steering experiments (`steer format`, `keywords`, `length`, `layers`) killed with SIGKILL after some units are done, then
 run again with the same settings: the outputs equal an uninterrupted run's, no finished unit is computed again
 and none is lost."""
 
@@ -24,11 +24,11 @@ import json, sys
 from olmo_iv.runs import steer as S
 kind, out, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 settings, run = {"format": (S.FormatSettings, S.run_format), "keywords": (S.KeywordSettings, S.run_keywords),
-                 "length": (S.LengthSettings, S.run_length)}[kind]
+                 "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers)}[kind]
 run(settings(**kw), out)
 """
 RUNS = {"format": (S.FormatSettings, S.run_format), "keywords": (S.KeywordSettings, S.run_keywords),
-        "length": (S.LengthSettings, S.run_length)}
+        "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers)}
 
 
 def _format_rows(tmp_path: Path) -> str:
@@ -77,9 +77,11 @@ def _kill_after(kind: str, kw: dict, out: Path, units: int) -> None:
      ["results.csv", "summary.json"]),
     ("length", dict(model="toy", n_pairs=3, n_test=2, max_sentences=2, levels=[0, 3], max_new_tokens=6, coef=5.0),
      ["results.csv", "summary.json"]),
-], ids=["format", "keywords", "length"])
+    ("layers", dict(model="toy", layers=[0, 1, 3], n_valid=2, max_new_tokens=6, batch_size=2),
+     ["layers.csv", "summary.json"]),
+], ids=["format", "keywords", "length", "layers"])
 def test_a_killed_run_continues_to_the_uninterrupted_result(tmp_path, kind, kw, outputs):
-    if kind == "format":
+    if kind in ("format", "layers"):
         kw = {**kw, "data": _format_rows(tmp_path)}
     settings_cls, run = RUNS[kind]
     run(settings_cls(**kw), tmp_path / "whole")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from safetensors.torch import save
 
 from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.evals.ifeval.scoring import read_jsonl
-from olmo_iv.interventions.steering import MODES, SteeringVectors, compute_vectors, generate_steered
+from olmo_iv.interventions.steering import (
+    MODES,
+    Steer,
+    SteeringVectors,
+    compute_vectors,
+    generate_steered,
+    response_nll,
+)
 from olmo_iv.io import versions
 from olmo_iv.loading import load
 from olmo_iv.progress import ProgressFn
@@ -250,28 +258,62 @@ def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
 
 
 @dataclass
-class FormatSettings(GenerationSettings):
-    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
+class SearchSettings(GenerationSettings):
+    """What the format experiment and the layer search share: the rows, the vectors' source, the candidate
+    layers and the intervention."""
 
     model: str = "toy-steer"
     data: str | None = None
-    """Rows as in Stolfo's format set; None: for toy-steer its held-out format set (`toy_steer_rows`), for any other
-    model the vendored 163 single-instruction IFEval format prompts."""
+    """Rows as in Stolfo's format set; None: for toy-steer and toy-steer-base the toy's held-out format set
+    (`toy_steer_rows`), for any other model the vendored 163 single-instruction IFEval format prompts."""
+    vectors_from: str | None = None
+    """Compute the vectors with this model and apply them to `model` (cross-model transfer, e.g. an instruct
+    model's vectors on its base model, as the authors do); it must have `model`'s width. None: `model` itself."""
+    vectors_style: str = "auto"
+    """Prompt style of the vectors_from model's pairs (its chat template where it has one)."""
     layers: list[int] | None = None
-    """Candidate layers; per instruction and fold the best on the fold's own (vector) rows is used, or none when
-    no layer beats no steering there. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
+    """Candidate layers. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
     mode: str = "adjust_rs"
     coef: float = 1.0
-    folds: int = 2
-    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
     seed: int = 0
+    nll: bool = True
+    """Also score each validation response's mean token NLL under the unsteered model (the second degeneration
+    measure, reported beside the n-gram filter; it costs one forward pass per response)."""
     max_new_tokens: int = 96
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        check_range("coef", self.coef)
+
+
+@dataclass
+class FormatSettings(SearchSettings):
+    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction). Per
+    instruction and fold the best candidate layer on the fold's own (vector) rows is used, or none when no layer
+    beats no steering there."""
+
+    folds: int = 2
+    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_range("folds", self.folds, 2)
+
+
+@dataclass
+class LayerSearchSettings(SearchSettings):
+    """The authors' layer selection as a run of its own: per instruction, steer its held-out rows without the
+    instruction at every candidate layer and keep the best loose accuracy that passes the degeneration filter."""
+
+    n_valid: int = 10
+    """Held-out validation rows per instruction (the authors': 10), drawn with `seed`; the instruction's other
+    rows build its vector. An instruction with fewer rows keeps one row for its vector."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("n_valid", self.n_valid, 1)
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -282,61 +324,161 @@ def repetition(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
-               progress: ProgressFn | None = None) -> dict:
-    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
-    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
-    import random
+GenerateFn = Callable[[str, list[str], list[Steer]], list[str]]
+"""(unit, user messages, specs) -> one response text per message: a run's generation, through its store."""
 
+
+@dataclass
+class LayerScore:
+    """One candidate layer of a layer search, on the validation rows of one instruction."""
+
+    layer: int
+    """-1: no steering (always a candidate, as the authors')."""
+    n: int
+    loose: float
+    """IFEval loose accuracy of the steered responses to the rows without their instruction."""
+    degenerate: float
+    """Share of responses whose repeated word 4-grams exceed half (`repetition` > 0.5)."""
+    nll: float | None
+    """Mean over the responses of the unsteered model's mean token NLL of the response (None: not scored)."""
+    kept: float
+    """loose, or 0 when the layer's degenerate share exceeds no steering's (the authors' filter)."""
+
+
+def search_layer(model, rows: Sequence[FormatRow], vecs: SteeringVectors, candidates: Sequence[int],
+                 generate: GenerateFn, *, unit: str, mode: str = "adjust_rs", coef: float = 1.0, style: str = "auto",
+                 nll: bool = True, batch_size: int = 16) -> tuple[Steer | None, list[LayerScore]]:
+    """The authors' layer selection on `rows` (one instruction): generate without the instruction, unsteered and
+    steered at each candidate layer; score IFEval loose accuracy and the degeneration measures; a layer whose
+    degenerate share exceeds no steering's scores 0. Returns the chosen spec (None: no layer beats no steering)
+    and one LayerScore per candidate, no steering first. Generations go through `generate` under the unit names
+    `{unit}__valid_none` and `{unit}__valid_L{layer}`."""
     from olmo_iv.chat import format_prompt
     from olmo_iv.evals.ifeval import InputExample, score_example
     from olmo_iv.generate import encode
-    from olmo_iv.runs import figures
 
-    if settings.data is None and settings.model == "toy-steer":
+    messages = [r.without for r in rows]
+    prompt_ids = [encode(model.tokenizer, format_prompt(model, m, style=style)) for m in messages] if nll else []
+
+    def score(layer: int, texts: list[str]) -> LayerScore:
+        loose = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t).loose[0]
+                 for r, t in zip(rows, texts, strict=True)]
+        degenerate = sum(repetition(t) > 0.5 for t in texts) / len(texts)
+        mean_nll = None
+        if nll:
+            per = [x for x in response_nll(model, prompt_ids, [encode(model.tokenizer, t) for t in texts],
+                                           batch_size=batch_size) if x is not None]
+            mean_nll = round(sum(per) / len(per), 6) if per else None
+        return LayerScore(layer, len(texts), sum(loose) / len(loose), degenerate, mean_nll, sum(loose) / len(loose))
+
+    base = score(-1, generate(f"{unit}__valid_none", messages, []))
+    scores, best, chosen = [base], base.loose, None
+    for layer in candidates:
+        spec = vecs.spec(layer, mode=mode, coef=coef)
+        s = score(layer, generate(f"{unit}__valid_L{layer}", messages, [spec]))
+        s.kept = s.loose if s.degenerate <= base.degenerate else 0.0
+        scores.append(s)
+        if s.kept > best:
+            best, chosen = s.kept, spec
+    return chosen, scores
+
+
+def _search_data(settings: SearchSettings) -> tuple[list[FormatRow], str]:
+    """The rows and the sha256 that identifies them in the run's settings. The steering toys (either one, as the
+    steered model or the vectors' source) default to the toy's held-out format set."""
+    toys = ("toy-steer", "toy-steer-base")
+    if settings.data is None and (settings.model in toys or settings.vectors_from in toys):
         rows = toy_steer_rows()
-        data_sha = hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()
-    else:
-        rows = read_format_rows(settings.data)
-        data_sha = _file_sha(settings.data or FORMAT_DATA)
-    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha},
-                          models=[settings.model], overwrite=overwrite)
+        return rows, hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()
+    return read_format_rows(settings.data), _file_sha(settings.data or FORMAT_DATA)
+
+
+def _search_models(settings: SearchSettings):
+    """The steered model and the model the vectors come from (the same one unless vectors_from), checked for the
+    same width; and the candidate layers, checked against both."""
     model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
-    L = model.config.n_layers
+    source = model
+    if settings.vectors_from is not None:
+        source = load(settings.vectors_from, dtype=getattr(torch, settings.dtype), device=settings.device)
+        if source.config.d_model != model.config.d_model:
+            raise OlmoIVError(f"vectors_from={settings.vectors_from!r} has d_model={source.config.d_model} but "
+                              f"model={settings.model!r} has d_model={model.config.d_model}: steering vectors "
+                              "transfer only between models of the same width")
+        if source.tokenizer is None:
+            raise OlmoIVError(f"vectors_from={settings.vectors_from!r} has no tokenizer.json: its vectors need one")
+    if model.tokenizer is None:
+        raise OlmoIVError(f"model={settings.model!r} has no tokenizer.json: generation needs one")
+    L = min(model.config.n_layers, source.config.n_layers)
     candidates = settings.layers if settings.layers is not None else list(range(L // 5, L, 2))
     for layer in candidates:
         if not 0 <= layer < L:
-            raise OlmoIVError(f"layers={candidates}: this model has layers 0..{L - 1}")
-    by_id: dict[str, list[FormatRow]] = {}
-    for r in rows:
-        by_id.setdefault(r.instruction_id, []).append(r)
-    fold: dict[int, int] = {}
-    for iid, group in sorted(by_id.items()):
-        order = list(range(len(group)))
-        random.Random(f"{settings.seed}/{iid}").shuffle(order)
-        for rank, i in enumerate(order):
-            fold[group[i].key] = rank % settings.folds
+            raise OlmoIVError(f"layers={candidates}: layer {layer} is outside 0..{L - 1}"
+                              + (" (the layers both models have)" if source is not model else ""))
+    return model, source, candidates
 
-    def ids_of(texts: list[str]) -> list[list[int]]:
-        return [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
 
-    def gens(unit: str, texts: list[str], specs: list) -> list[str]:
+def _store_generate(store: RunStore, model, settings: GenerationSettings,
+                    progress: ProgressFn | None) -> GenerateFn:
+    """Generation as units of the run: a done unit is read back, never computed again."""
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+
+    def gens(unit: str, texts: list[str], specs: list[Steer]) -> list[str]:
         if not store.done(unit):
-            new = generate_steered(model, ids_of(texts), specs, max_new_tokens=settings.max_new_tokens,
+            ids = [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
+            new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens,
                                    batch_size=settings.batch_size)
             store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
         if progress is not None:
             progress("generating", len(texts), None)
         return store.read_json(unit, "texts.json")
 
-    def accuracy(group: list[FormatRow], texts: list[str]) -> tuple[float, float]:
-        scored = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
-                  for r, t in zip(group, texts, strict=True)]
-        return (sum(s.loose[0] for s in scored) / len(scored),
-                sum(repetition(t) > 0.5 for t in texts) / len(texts))
+    return gens
 
+
+def _group(rows: Sequence[FormatRow]) -> dict[str, list[FormatRow]]:
+    by_id: dict[str, list[FormatRow]] = {}
+    for r in rows:
+        by_id.setdefault(r.instruction_id, []).append(r)
+    return dict(sorted(by_id.items()))
+
+
+def _vectors_style(settings: SearchSettings) -> str:
+    return settings.style if settings.vectors_from is None else settings.vectors_style
+
+
+LAYER_HEADER = ["layer", "n", "loose", "degenerate_share", "mean_nll", "kept_loose"]
+
+
+def _score_row(s: LayerScore) -> list:
+    return [s.layer, s.n, round(s.loose, 6), round(s.degenerate, 6), "" if s.nll is None else s.nll,
+            round(s.kept, 6)]
+
+
+def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
+    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+    import random
+
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.runs import figures
+
+    rows, data_sha = _search_data(settings)
+    model, source, candidates = _search_models(settings)
+    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
+    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha}, models=models,
+                          overwrite=overwrite)
+    by_id = _group(rows)
+    fold: dict[int, int] = {}
+    for iid, group in by_id.items():
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        for rank, i in enumerate(order):
+            fold[group[i].key] = rank % settings.folds
+    gens = _store_generate(store, model, settings, progress)
     results, layer_rows = [], []
-    for iid, group in sorted(by_id.items()):
+    for iid, group in by_id.items():
         for f in range(settings.folds):
             test = [r for r in group if fold[r.key] == f]
             train = [r for r in group if fold[r.key] != f]
@@ -345,17 +487,12 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
             tag = f"{iid.replace(':', '__')}__fold{f}"
             chosen = None
             if train:
-                vecs = compute_vectors(model, [(r.prompt, r.without) for r in train], style=settings.style,
+                vecs = compute_vectors(source, [(r.prompt, r.without) for r in train], style=_vectors_style(settings),
                                        batch_size=settings.batch_size)
-                base_acc, base_degen = accuracy(train, gens(f"{tag}__valid_none", [r.without for r in train], []))
-                best = base_acc
-                for layer in candidates:  # the authors' selection: loose accuracy on held-out prompts, filtered
-                    spec = vecs.spec(layer, mode=settings.mode, coef=settings.coef)
-                    acc, degen = accuracy(train, gens(f"{tag}__valid_L{layer}", [r.without for r in train], [spec]))
-                    kept = acc if degen <= base_degen else 0.0
-                    layer_rows.append([iid, f, layer, acc, degen, kept])
-                    if kept > best:
-                        best, chosen = kept, spec
+                chosen, scores = search_layer(model, train, vecs, candidates, gens, unit=tag, mode=settings.mode,
+                                              coef=settings.coef, style=settings.style, nll=settings.nll,
+                                              batch_size=settings.batch_size)
+                layer_rows += [[iid, f, *_score_row(s)] for s in scores]
             for cond in CONDITIONS:
                 texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
                 specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
@@ -366,11 +503,13 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
                                     int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
     header = ["key", "instruction_id", "fold", "layer", "condition", "strict", "loose", "repetition", "response"]
     store.write_csv("results.csv", header, results)
-    store.write_csv("layers.csv", ["instruction_id", "fold", "layer", "loose", "degenerate_share", "kept_loose"],
-                    layer_rows)
+    store.write_csv("layers.csv", ["instruction_id", "fold", *LAYER_HEADER], layer_rows)
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
-               "candidates": candidates, "by_instruction": {}, "overall": {}}
-    for iid in [*sorted(by_id), None]:
+               "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
+               "folds": {iid: [[r.key for r in group if fold[r.key] == f] for f in range(settings.folds)]
+                         for iid, group in by_id.items()},
+               "by_instruction": {}, "overall": {}}
+    for iid in [*by_id, None]:
         sel = [r for r in results if iid is None or r[1] == iid]
         entry = {c: {"n": sum(r[4] == c for r in sel),
                      "strict": sum(r[5] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel)),
@@ -383,7 +522,75 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
     store.write_json("summary.json", summary)
     store.save_figure("conditions", figures.steering_conditions(summary, metric="strict"))
     if layer_rows:
-        store.save_figure("layers", figures.layer_sweep(layer_rows))
+        store.save_figure("layers", figures.layer_sweep([dict(zip(["instruction_id", "fold", *LAYER_HEADER], r))
+                                                         for r in layer_rows]))
+    store.finish()
+    return summary
+
+
+def run_layers(settings: LayerSearchSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """The layer search on its own (`olmo-iv steer layers`): per instruction, vectors from its other rows and the
+    authors' selection on `n_valid` held-out rows (`search_layer`). Writes layers.csv (every candidate with its
+    loose accuracy, degenerate share, mean NLL and filtered accuracy), summary.json (the chosen layer per
+    instruction, and one layer for all), layers.{png,pdf} and each instruction's vectors under vectors/<id>/."""
+    import random
+
+    from olmo_iv.runs import figures
+
+    rows, data_sha = _search_data(settings)
+    model, source, candidates = _search_models(settings)
+    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
+    store = RunStore.open(out, "steer-layers", {**asdict(settings), "data_sha256": data_sha}, models=models,
+                          overwrite=overwrite)
+    gens = _store_generate(store, model, settings, progress)
+    by_id = _group(rows)
+    layer_rows, chosen_by, scores_by, vectors, valid_keys = [], {}, {}, {}, {}
+    for iid, group in by_id.items():
+        if len(group) < 2:
+            raise OlmoIVError(f"data: instruction {iid} has 1 row; the layer search needs at least 2 per instruction "
+                              "(one for its vector, one held out)")
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        n_valid = min(settings.n_valid, len(group) - 1)
+        valid = [group[i] for i in order[:n_valid]]
+        train = [group[i] for i in sorted(order[n_valid:])]
+        valid_keys[iid] = [r.key for r in valid]
+        tag = iid.replace(":", "__")
+        unit = f"{tag}__vectors"
+        if not store.done(unit):  # a unit, so that a resumed run searches with the very same vectors
+            v = compute_vectors(source, [(r.prompt, r.without) for r in train], style=_vectors_style(settings),
+                                batch_size=settings.batch_size)
+            v.meta.update(model=settings.vectors_from or settings.model, instruction_id=iid,
+                          keys=[r.key for r in train])
+            store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
+                                  "vectors.json": v.meta})
+        vectors[iid] = SteeringVectors.load(store.unit_dir(unit))
+        chosen, scores = search_layer(model, valid, vectors[iid], candidates, gens, unit=tag, mode=settings.mode,
+                                      coef=settings.coef, style=settings.style, nll=settings.nll,
+                                      batch_size=settings.batch_size)
+        chosen_by[iid] = chosen.layer if chosen is not None else -1
+        scores_by[iid] = scores
+        layer_rows += [[iid, *_score_row(s), int(s.layer == chosen_by[iid])] for s in scores]
+    # one layer for every instruction: the best mean filtered accuracy, if it beats no steering's mean
+    mean_kept = {c: sum(next(s.kept for s in sc if s.layer == c) for sc in scores_by.values()) / len(scores_by)
+                 for c in [-1, *candidates]}
+    overall = max(candidates, key=lambda c: (mean_kept[c], -c)) if candidates else -1
+    if not mean_kept.get(overall, 0.0) > mean_kept[-1]:
+        overall = -1
+    store.write_csv("layers.csv", ["instruction_id", *LAYER_HEADER, "chosen"], layer_rows)
+    for iid, v in vectors.items():
+        folder = f"vectors/{iid.replace(':', '__')}"
+        store.write_bytes(f"{folder}/vectors.safetensors", save(v.tensors(), metadata={"format": "pt"}))
+        store.write_json(f"{folder}/vectors.json", v.meta)
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
+               "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
+               "validation_keys": valid_keys, "chosen": chosen_by, "overall_layer": overall,
+               "mean_kept_loose": {str(k): v for k, v in mean_kept.items()},
+               "by_instruction": {iid: [asdict(s) for s in sc] for iid, sc in scores_by.items()}}
+    store.write_json("summary.json", summary)
+    store.save_figure("layers", figures.layer_sweep([dict(zip(["instruction_id", *LAYER_HEADER], r))
+                                                     for r in layer_rows]))
     store.finish()
     return summary
 
