@@ -387,7 +387,7 @@ def layer_sweep(rows: list[dict]) -> Figure:
     if has_nll:
         axes[1].set(ylabel="mean token NLL under the unsteered model")
         axes[1].set_title("the responses' NLL (low: repetitive)", fontsize=8)
-    fig.suptitle("Layer selection: steering without the instruction, held-out rows", fontsize=9)
+    fig.suptitle("Layer selection: the validation rows steered without their instruction", fontsize=9)
     fig.legend(fontsize=6, loc="outside right upper")  # outside: lines reach every corner
     return fig
 

@@ -3,6 +3,13 @@
     vectors:   vectors.safetensors (u [n_layers, d_model], zbar [n_layers]) and vectors.json (metadata)
     generate:  generations.jsonl, one {"prompt", "ids", "text"} per prompt (new token ids, stopping at EOS,
                which is not included), in units of `batch_size` prompts
+    format:    results.csv, layers.csv, summary.json, conditions and layers figures (four conditions per row)
+    layers:    layers.csv, summary.json (chosen layers), the layers figure, vectors/<instruction>/
+    keywords:  results.csv, summary.json
+    length:    results.csv, summary.json, the length figure, vectors/level{k}/
+
+Every generation is a unit of the run (a done unit is read back, never computed again), and so are vectors that
+later units depend on, so a killed run continues to the uninterrupted result (tests/test_steer_resume.py).
 """
 
 from __future__ import annotations
