@@ -9,7 +9,7 @@ from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console
 from rich.markup import escape
 
 
-def _layers(text: str | None) -> list[int] | None:
+def _ints(text: str | None, name: str = "layers") -> list[int] | None:
     from olmo_iv.errors import OlmoIVError
 
     if not text:
@@ -17,7 +17,7 @@ def _layers(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise OlmoIVError(f"layers={text!r}: give layer numbers separated by commas, e.g. 0,2,4") from None
+        raise OlmoIVError(f"{name}={text!r}: give numbers separated by commas, e.g. 0,2,4") from None
 
 
 steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
@@ -98,6 +98,9 @@ def format_(
     style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
     batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
     seed: int = typer.Option(0, help="Seed of the folds."),
+    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (cross-model transfer, e.g. instruct -> base; same width needed)."),
+    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
+    nll: bool = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model."),
     out: Path = out_option("runs/steer-format"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -109,9 +112,10 @@ def format_(
 
     con = console()
     settings = FormatSettings(model=model, data=None if data is None else str(data),
-                              layers=_layers(layers), mode=mode, coef=coef,
+                              layers=_ints(layers), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
-                              batch_size=batch_size, device=device, dtype=dtype)
+                              batch_size=batch_size, vectors_from=vectors_from, vectors_style=vectors_style, nll=nll,
+                              device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_format(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     from rich.table import Table
@@ -125,6 +129,53 @@ def format_(
         table.add_row(iid, *(f"{100 * e[c]['strict']:.0f} (n={e[c]['n']})" for c in conds))
     con.print(table)
     con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, conditions.png/.pdf, layers.png/.pdf)")
+
+
+@steer_app.command("layers")
+def layers_(
+    model: str = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set)."),
+    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
+    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
+    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
+    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    n_valid: int = typer.Option(10, help="Held-out validation rows per instruction (the authors': 10); the others build its vector."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
+    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    seed: int = typer.Option(0, help="Seed of the validation draw."),
+    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (same width needed)."),
+    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
+    nll: bool = typer.Option(True, help="Also score each response by its mean token NLL under the unsteered model."),
+    out: Path = out_option("runs/steer-layers"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's layer selection on its own: per instruction, loose accuracy of steering its held-out rows without
+    the instruction at each candidate layer, with the degeneration filter; layers.csv, a figure, the chosen layers."""
+    from rich.table import Table
+
+    from olmo_iv.runs.steer import LayerSearchSettings, run_layers
+
+    con = console()
+    settings = LayerSearchSettings(model=model, data=None if data is None else str(data), layers=_ints(layers),
+                                   mode=mode, coef=coef, n_valid=n_valid, seed=seed, max_new_tokens=max_new_tokens,
+                                   style=style, batch_size=batch_size, vectors_from=vectors_from,
+                                   vectors_style=vectors_style, nll=nll, device=device, dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_layers(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    table = Table(title="Loose accuracy (%) without the instruction, after the degeneration filter")
+    table.add_column("instruction")
+    for c in ["none", *map(str, summary["candidates"])]:
+        table.add_column(c, justify="right")
+    table.add_column("chosen", justify="right")
+    for iid, scores in summary["by_instruction"].items():
+        table.add_row(iid, *(f"{100 * s['kept']:.0f}" for s in scores),
+                      "none" if summary["chosen"][iid] == -1 else str(summary["chosen"][iid]))
+    con.print(table)
+    over = summary["overall_layer"]
+    con.print(f"one layer for all instructions: {'none (no layer beats no steering)' if over == -1 else over}")
+    con.print(f"files: {escape(str(out))}/ (layers.csv, summary.json, layers.png/.pdf, vectors/<instruction>/)")
 
 
 @steer_app.command("keywords")
@@ -160,27 +211,40 @@ def keywords(
 def length(
     model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
     layer: int = typer.Option(None, help="Steered layer (default: two thirds of the way up)."),
-    coef: float = typer.Option(20.0, help="Multiple of the conciseness vector added (Stolfo: 20)."),
-    n_pairs: int = typer.Option(50, help="Queries for the vector."),
-    n_test: int = typer.Option(50, help="Held-out queries for the test."),
+    coef: float = typer.Option(20.0, help="Multiple of each level vector added (Stolfo: 20, the conciseness vector)."),
+    levels: str = typer.Option("0,1,2,3,4", help="Level vectors tested, comma-separated: 0 extremely concise (the conciseness vector), 1 concise, 2 moderate, 3 verbose, 4 extremely verbose."),
+    n_pairs: int = typer.Option(50, help="Base queries per level vector (the first ones)."),
+    n_test: int = typer.Option(50, help="Held-out queries for the test (the last ones)."),
     max_sentences: int = typer.Option(5, help="Test 'at most N sentences' for N = 1..this."),
     max_new_tokens: int = typer.Option(128, help="New tokens per response."),
     style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
+    batch_size: int = typer.Option(16, help="Prompts per batch."),
+    seed: int = typer.Option(0, help="Seed of the phrasing drawn per query and level."),
     out: Path = out_option("runs/steer-length"),
     device: str = DEVICE,
     dtype: str = DTYPE,
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Stolfo's length experiment: a conciseness vector added while the prompt asks for at most N sentences."""
+    """Stolfo's length experiment: a vector per level of vague length phrasing, each added while the prompt asks
+    for at most N sentences; strict accuracy and mean sentence and word counts per N."""
+    from rich.table import Table
+
     from olmo_iv.runs.steer import LengthSettings, run_length
 
     con = console()
-    settings = LengthSettings(model=model, layer=layer, coef=coef, n_pairs=n_pairs, n_test=n_test,
-                              max_sentences=max_sentences, max_new_tokens=max_new_tokens, style=style,
+    settings = LengthSettings(model=model, layer=layer, coef=coef, levels=_ints(levels, "levels") or [],
+                              n_pairs=n_pairs, n_test=n_test, max_sentences=max_sentences,
+                              max_new_tokens=max_new_tokens, style=style, batch_size=batch_size, seed=seed,
                               device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_length(settings, out, overwrite=overwrite, progress=bar_callback(bar))
-    for key, e in summary["by_condition"].items():
-        con.print(f"at most {key}: strict {100 * e['strict']:.0f}%, {e['mean_sentences']:.1f} sentences, "
-                  f"{e['mean_words']:.0f} words (n={e['n']})")
-    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json)")
+    table = Table(title=f"At most N sentences, layer {summary['layer']}: strict % / mean sentences / mean words")
+    table.add_column("N")
+    conds = list(summary["by_vector"])
+    for c in conds:
+        table.add_column(c.replace("instruction+", "+ ").replace("_", " "), justify="right")
+    for n in range(1, settings.max_sentences + 1):
+        table.add_row(str(n), *(f"{100 * e['strict']:.0f} / {e['mean_sentences']:.1f} / {e['mean_words']:.0f}"
+                                for e in (summary["by_condition"][f"{n}/{c}"] for c in conds)))
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ (results.csv, summary.json, length.png/.pdf, vectors/level*/)")

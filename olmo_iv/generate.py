@@ -98,7 +98,7 @@ def _generate_batch(model: OLMo2, rows: Sequence[Sequence[int]], max_new_tokens:
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[Tensor] = []
-    cache = KVCache.empty(model.config.n_layers) if use_cache else None
+    cache = KVCache.empty(model.config.n_layers, capacity=ids.shape[1] + max_new_tokens) if use_cache else None
     state = GenerationState(prompt_len=ids.shape[1])
     with model.hooks(hooks(state) if hooks is not None else {}):
         return _decode_loop(model, rows, ids, mask, cache, state, done, new, max_new_tokens, stop, use_cache,

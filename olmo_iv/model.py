@@ -308,18 +308,50 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Rotated keys and values of every layer, [B, n_kv_heads, T_past, head_dim], grown by each forward."""
+    """Rotated keys and values of every layer, [B, n_kv_heads, T_past, head_dim], grown by each forward.
+
+    With a `capacity`, each layer's keys and values live in one buffer of that many positions, allocated at the
+    first forward and filled in place, and attention reads a view of the filled part: a decoding step then
+    copies only its new key and value, where concatenating copies the whole cache (at 128 new tokens that copy
+    was a fifth of a steered generation's time on a CPU). The values are the same either way."""
 
     k: list[Tensor | None]
     v: list[Tensor | None]
+    capacity: int | None = None
+    """Positions to preallocate per layer (None: grow by concatenation)."""
+    filled: list[int] = field(default_factory=list)
+    """Positions written per layer, with a capacity."""
 
     @classmethod
-    def empty(cls, n_layers: int) -> KVCache:
-        return cls([None] * n_layers, [None] * n_layers)
+    def empty(cls, n_layers: int, capacity: int | None = None) -> KVCache:
+        if capacity is not None and capacity < 1:
+            raise OlmoIVError(f"capacity={capacity}: give at least 1 position, or None")
+        return cls([None] * n_layers, [None] * n_layers, capacity, [0] * n_layers)
 
     @property
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        if self.k[0] is None:
+            return 0
+        return self.filled[0] if self.capacity is not None else self.k[0].shape[2]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new keys and values [B, H, T, dh] of `layer`; returns all of that layer's so far."""
+        if self.capacity is None:
+            if self.k[layer] is not None:
+                k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        past, T = self.filled[layer], k.shape[2]
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        if buf_k is None or past + T > buf_k.shape[2]:  # first use, or more positions than planned: grow
+            size = max(self.capacity, past + T, 2 * past)
+            new_k, new_v = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+            if past:
+                new_k[:, :, :past], new_v[:, :, :past] = buf_k[:, :, :past], buf_v[:, :, :past]
+            self.k[layer], self.v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, past : past + T], buf_v[:, :, past : past + T] = k, v
+        self.filled[layer] = past + T
+        return buf_k[:, :, : past + T], buf_v[:, :, : past + T]
 
 
 def _sub_hook_names(layer: int, prefix: str) -> dict[str, str]:
@@ -359,9 +391,7 @@ class Attention(nn.Module):
             q, k = self._hook("hook_rot_q", q), self._hook("hook_rot_k", k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
         if cache is not None:
-            if cache.k[self.layer] is not None:
-                k, v = torch.cat((cache.k[self.layer], k), dim=2), torch.cat((cache.v[self.layer], v), dim=2)
-            cache.k[self.layer], cache.v[self.layer] = k, v
+            k, v = cache.append(self.layer, k, v)
         scale = cfg.head_dim**-0.5
         if H and self.names["hook_pattern"] in H:  # eager path: the pattern is materialised only on request
             rep = cfg.n_heads // cfg.n_kv_heads

@@ -150,10 +150,12 @@ def stolfo_vectors(model: OLMo2, with_ids: Sequence[Sequence[int]], without_ids:
 @torch.no_grad()
 def stolfo_generate(model: OLMo2, prompt: Sequence[int], layer: int, u: Tensor, *, mode: str = "adjust_rs",
                     coef: float = 1.0, zbar: float = 0.0, max_new_tokens: int = 16, stop_id: int | None = None,
-                    hook: str = "hook_resid_post") -> list[int]:
-    """The authors' steered greedy decoding: no cache; for every new token the whole sequence is run again with
-    the hook editing every position at one layer."""
-    u = u.float() / u.float().norm()
+                    hook: str = "hook_resid_post", all_logits: bool = False) -> list[int]:
+    """The authors' steered greedy decoding: one prompt at a time, no cache; for every new token the whole sequence
+    is run again with the hook editing every position at one layer. all_logits: unembed every position, as
+    TransformerLens's forward returns them to the authors' loop (their cost); the next token is read from the
+    last either way."""
+    u = (u.float() / u.float().norm()).to(model.device)
 
     def edit(x: Tensor, name: str) -> Tensor:
         h = x.float()
@@ -166,7 +168,9 @@ def stolfo_generate(model: OLMo2, prompt: Sequence[int], layer: int, u: Tensor, 
     new: list[int] = []
     with model.hooks({f"blocks.{layer}.{hook}": edit}):
         for _ in range(max_new_tokens):
-            nxt = int(model(torch.tensor([ids]), logits_at=-1)[0].argmax())
+            x = torch.tensor([ids], device=model.device)
+            logits = model(x)[0, -1] if all_logits else model(x, logits_at=-1)[0]
+            nxt = int(logits.argmax())
             if nxt == stop_id:
                 break
             new.append(nxt)

@@ -106,6 +106,25 @@ def test_kv_cache_equals_full_forward(tiny_model):
     torch.testing.assert_close(torch.cat([first, torch.stack(steps, 1)], 1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity", [9, 6, 1])  # exact, too small (the buffer grows once), far too small
+def test_a_preallocated_kv_cache_equals_a_growing_one(tiny_model, capacity):
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    grown, pre = KVCache.empty(tiny_model.config.n_layers), KVCache.empty(tiny_model.config.n_layers, capacity)
+    outs = []
+    for cache in (grown, pre):
+        first = tiny_model(ids[:, :5], attention_mask=mask[:, :5], kv_cache=cache)
+        steps = [tiny_model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], kv_cache=cache)[:, 0]
+                 for t in range(5, 9)]
+        outs.append(torch.cat([first, torch.stack(steps, 1)], 1))
+    assert torch.equal(outs[0], outs[1]) and pre.length == grown.length == 9
+    for layer in range(tiny_model.config.n_layers):
+        assert torch.equal(pre.k[layer][:, :, :9], grown.k[layer]) and torch.equal(pre.v[layer][:, :, :9], grown.v[layer])
+    with pytest.raises(OlmoIVError, match="capacity=0"):
+        KVCache.empty(2, 0)
+
+
 def test_residual_identities_and_hook_shapes(tiny_model):
     cfg = tiny_model.config
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(7))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import olmo_iv
+import olmo_iv.runs.steer
 from olmo_iv import OlmoIVError
 from olmo_iv.generate import encode
 from olmo_iv.interventions.steering import (
@@ -199,10 +200,40 @@ def test_keyword_experiments_run(tmp_path, task):
     assert (tmp_path / task / "results.csv").exists()
 
 
-def test_length_experiment_runs(tmp_path):
-    from olmo_iv.runs.steer import LengthSettings, run_length
+def test_length_experiment_builds_a_vector_per_level(tmp_path):
+    """Five level vectors, each from its own (query + level phrasing, query) pairs, equal to compute_vectors on
+    those pairs; every level steers its own condition; the counts in the summary are those of the responses."""
+    import csv
 
-    s = run_length(LengthSettings(model="toy", n_pairs=3, n_test=2, max_sentences=2, max_new_tokens=6, coef=5.0),
-                   tmp_path / "len")
-    assert set(s["by_condition"]) == {"1/instruction", "1/instruction+steer", "2/instruction", "2/instruction+steer"}
-    assert all(e["n"] == 2 and 0 <= e["strict"] <= 1 for e in s["by_condition"].values())
+    from olmo_iv.runs.steer import LENGTH_LEVELS, LengthSettings, length_pairs, run_length
+
+    settings = LengthSettings(model="toy", n_pairs=3, n_test=2, max_sentences=2, max_new_tokens=6, coef=5.0)
+    s = run_length(settings, tmp_path / "len")
+    conds = ["instruction", *(f"instruction+{name}" for name in LENGTH_LEVELS)]
+    assert set(s["by_condition"]) == {f"{n}/{c}" for n in (1, 2) for c in conds}
+    assert s["conciseness"] == "instruction+extremely_concise" and list(s["by_vector"]) == conds
+    model = olmo_iv.load("toy")
+    queries = [json.loads(x)["model_output"].strip() for x in open(olmo_iv.runs.steer.LENGTH_QUERIES)]
+    for k in range(5):
+        pairs = length_pairs(queries[:3], k)
+        assert all(w.startswith(q + " ") and w[len(q) + 1:] in s["levels"][k]["phrasings"] for w, q in pairs)
+        want = compute_vectors(model, pairs)
+        got = SteeringVectors.load(tmp_path / "len" / "vectors" / f"level{k}")
+        assert torch.equal(got.u, want.u) and torch.equal(got.zbar, want.zbar)
+    # the responses of one steered condition are the steered generations of the held-out (last) queries
+    from olmo_iv.chat import format_prompt
+
+    prompts = [f"{q} Answer using at most 2 sentences." for q in queries[-2:]]
+    ids = [encode(model.tokenizer, format_prompt(model, p)) for p in prompts]
+    spec = SteeringVectors.load(tmp_path / "len" / "vectors" / "level4").spec(s["layer"], mode="add", coef=5.0)
+    want = [model.tokenizer.decode(g) for g in generate_steered(model, ids, [spec], max_new_tokens=6)]
+    with open(tmp_path / "len" / "results.csv", newline="") as f:
+        got = [r for r in csv.DictReader(f)]
+    sel = [r for r in got if r["max_sentences"] == "2" and r["condition"] == "instruction+extremely_verbose"]
+    assert [r["response"] for r in sel] == want and len(got) == 2 * 6 * 2
+    e = s["by_condition"]["2/instruction+extremely_verbose"]
+    assert e["mean_words"] == sum(int(r["words"]) for r in sel) / 2
+    assert e["strict"] == sum(int(r["strict"]) for r in sel) / 2
+    assert (tmp_path / "len" / "length.png").exists()
+    with pytest.raises(OlmoIVError, match="levels"):
+        LengthSettings(levels=[0, 5])

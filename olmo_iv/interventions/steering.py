@@ -451,3 +451,47 @@ def compute_vectors(model, pairs: Sequence[tuple[str, str]], *, position: str = 
     meta = {"model": getattr(model, "name_or_path", None), "hook": hook, "position": position, "style": style,
             "n_pairs": len(pairs), "pairs_sha256": digest, "n_layers": int(u.shape[0]), "d_model": int(u.shape[1])}
     return SteeringVectors(u, zbar, meta)
+
+
+@torch.inference_mode()
+def response_nll(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                 batch_size: int = 16, chunk: int = 256) -> list[float | None]:
+    """Per row, the mean negative log-likelihood (nats per token) of `responses[i]` after `prompts[i]` under the
+    model as it is (no steering): the layer search's second degeneration measure, in place of the authors' GPT-2
+    perplexity. A looping response scores low, gibberish high; an empty response has none (None). Only the
+    response positions are unembedded, `chunk` rows at a time, so the vocabulary never costs [B, T, V] memory."""
+    if len(prompts) != len(responses):
+        raise OlmoIVError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
+    check_range("batch_size", batch_size, 1)
+    if any(len(p) == 0 for p in prompts):
+        raise OlmoIVError("an empty prompt: every response needs at least one prompt token before it")
+    L = model.config.n_layers
+    out: list[float | None] = [None] * len(prompts)
+    for start in range(0, len(prompts), batch_size):
+        idx = [i for i in range(start, min(start + batch_size, len(prompts))) if len(responses[i])]
+        if not idx:
+            continue
+        rows = [list(prompts[i]) + list(responses[i]) for i in idx]
+        T = max(map(len, rows))
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        for j, r in enumerate(rows):  # right padding: causality keeps every real token from seeing it
+            ids[j, : len(r)] = torch.as_tensor(r)
+        h = model(ids.to(model.device), stop_at_layer=L)  # final residual [B, T, d]
+        b_idx, p_idx, target = [], [], []
+        for j, i in enumerate(idx):
+            n_p, n_r = len(prompts[i]), len(responses[i])
+            b_idx += [j] * n_r
+            p_idx += range(n_p - 1, n_p + n_r - 1)  # the position that predicts each response token
+            target += list(responses[i])
+        x = h[torch.tensor(b_idx), torch.tensor(p_idx)]
+        tgt = torch.tensor(target, device=x.device)
+        nll = torch.empty(len(target), dtype=torch.float64)
+        for c in range(0, len(target), chunk):
+            logits = model.unembed(x[None, c : c + chunk])[0].float()
+            nll[c : c + chunk] = (torch.logsumexp(logits, -1) - logits.gather(1, tgt[c : c + chunk, None])[:, 0]).cpu()
+        k = 0
+        for i in idx:
+            n_r = len(responses[i])
+            out[i] = float(nll[k : k + n_r].mean())
+            k += n_r
+    return out

@@ -358,24 +358,64 @@ def steering_conditions(summary: dict, *, metric: str = "strict", confidence: fl
     return fig
 
 
-def layer_sweep(rows: list[list]) -> Figure:
-    """Loose accuracy of steering without the instruction, by layer, per instruction (validation rows; dashed:
-    the layer's responses were filtered as degenerate)."""
-    fig = Figure(figsize=(6.4, 4), layout="constrained")
-    ax = fig.subplots()
-    by: dict[str, dict[int, list[tuple[float, float]]]] = {}
-    for iid, _, layer, acc, _, kept in rows:
-        by.setdefault(iid, {}).setdefault(layer, []).append((acc, kept))
+def layer_sweep(rows: list[dict]) -> Figure:
+    """The layer search: per instruction, loose accuracy of steering without the instruction by layer (solid:
+    after the degeneration filter; dashed: before; "none": no steering), averaged over folds, and, where scored,
+    the unsteered model's mean token NLL of the responses (a second degeneration measure)."""
+    has_nll = any(r.get("mean_nll") not in (None, "") for r in rows)
+    fig = Figure(figsize=(9.6 if has_nll else 6.4, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if has_nll else 1, squeeze=False)[0]
+    by: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        by.setdefault(r["instruction_id"], {}).setdefault(int(r["layer"]), []).append(r)
     for iid, per_layer in by.items():
         layers = sorted(per_layer)
-        acc = [100 * float(np.mean([a for a, _ in per_layer[lyr]])) for lyr in layers]
-        kept = [100 * float(np.mean([k for _, k in per_layer[lyr]])) for lyr in layers]
-        line = ax.plot(layers, kept, marker="o", ms=3, label=iid.split(":")[-1])[0]
-        ax.plot(layers, acc, ls="--", lw=0.8, color=line.get_color())
-    ax.set(xlabel="steered layer", ylabel="loose accuracy without instruction (%)", ylim=(0, 105),
-           title="Layer selection (solid: after the degeneration filter; dashed: before)")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines reach every corner
+        acc = [100 * float(np.mean([float(x["loose"]) for x in per_layer[lyr]])) for lyr in layers]
+        kept = [100 * float(np.mean([float(x["kept_loose"]) for x in per_layer[lyr]])) for lyr in layers]
+        line = axes[0].plot(layers, kept, marker="o", ms=3, label=iid.split(":")[-1])[0]
+        axes[0].plot(layers, acc, ls="--", lw=0.8, color=line.get_color())
+        if has_nll:
+            nll = [np.mean([float(x["mean_nll"]) for x in per_layer[lyr] if x.get("mean_nll") not in (None, "")]
+                           or [np.nan]) for lyr in layers]
+            axes[1].plot(layers, nll, marker="o", ms=3, color=line.get_color())
+    ticks = sorted({int(r["layer"]) for r in rows})
+    for ax in axes:
+        ax.set_xticks(ticks, ["none" if t == -1 else str(t) for t in ticks])
+        ax.set_xlabel("steered layer")
+    axes[0].set(ylabel="loose accuracy without instruction (%)", ylim=(0, 105))
+    axes[0].set_title("solid: after the degeneration filter; dashed: before", fontsize=8)
+    if has_nll:
+        axes[1].set(ylabel="mean token NLL under the unsteered model")
+        axes[1].set_title("the responses' NLL (low: repetitive)", fontsize=8)
+    fig.suptitle("Layer selection: the validation rows steered without their instruction", fontsize=9)
+    fig.legend(fontsize=6, loc="outside right upper")  # outside: lines reach every corner
+    return fig
+
+
+def length_levels(summary: dict) -> Figure:
+    """Stolfo's length experiment: per 'at most N sentences' prompt, the mean sentence count (left) and the strict
+    accuracy (right) with the instruction alone (black, dashed) and with each level vector added."""
+    n_max = summary["settings"]["max_sentences"]
+    ns = list(range(1, n_max + 1))
+    fig = Figure(figsize=(8.4, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colors = ["#2166ac", "#67a9cf", "#1b9e77", "#ef8a62", "#b2182b"]  # concise blue, moderate green, verbose red
+    for cond, entry in summary["by_vector"].items():
+        level = entry["level"]
+        style = {"color": "black", "ls": "--"} if level is None else {"color": colors[level]}
+        label = "instruction only" if level is None else f"+ level {level} ({cond.split('+', 1)[1].replace('_', ' ')})"
+        rows = [summary["by_condition"][f"{n}/{cond}"] for n in ns]
+        left.plot(ns, [e["mean_sentences"] for e in rows], marker="o", ms=3, label=label, **style)
+        right.plot(ns, [100 * e["strict"] for e in rows], marker="o", ms=3, **style)
+    left.plot(ns, ns, color="0.7", lw=0.8, zorder=0)  # the limit each prompt sets
+    left.set(xlabel="N in 'at most N sentences'", ylabel="mean sentences per response", ylim=(0, None))
+    right.set(xlabel="N in 'at most N sentences'", ylabel="strict accuracy (%)", ylim=(0, 105))
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.legend(fontsize=7, loc="outside right upper")
+    fig.suptitle(f"Length steering at layer {summary['layer']} (c = {summary['settings']['coef']:g}, "
+                 f"n = {summary['by_condition']['1/instruction']['n']} queries)",
+                 fontsize=9)
     return fig
 
 

@@ -3,12 +3,20 @@
     vectors:   vectors.safetensors (u [n_layers, d_model], zbar [n_layers]) and vectors.json (metadata)
     generate:  generations.jsonl, one {"prompt", "ids", "text"} per prompt (new token ids, stopping at EOS,
                which is not included), in units of `batch_size` prompts
+    format:    results.csv, layers.csv, summary.json, conditions and layers figures (four conditions per row)
+    layers:    layers.csv, summary.json (chosen layers), the layers figure, vectors/<instruction>/
+    keywords:  results.csv, summary.json
+    length:    results.csv, summary.json, the length figure, vectors/level{k}/
+
+Every generation is a unit of the run (a done unit is read back, never computed again), and so are vectors that
+later units depend on, so a killed run continues to the uninterrupted result (tests/test_steer_resume.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +25,14 @@ from safetensors.torch import save
 
 from olmo_iv.errors import OlmoIVError, check_range
 from olmo_iv.evals.ifeval.scoring import read_jsonl
-from olmo_iv.interventions.steering import MODES, SteeringVectors, compute_vectors, generate_steered
+from olmo_iv.interventions.steering import (
+    MODES,
+    Steer,
+    SteeringVectors,
+    compute_vectors,
+    generate_steered,
+    response_nll,
+)
 from olmo_iv.io import versions
 from olmo_iv.loading import load
 from olmo_iv.progress import ProgressFn
@@ -250,28 +265,62 @@ def read_format_rows(path: str | Path | None = None) -> list[FormatRow]:
 
 
 @dataclass
-class FormatSettings(GenerationSettings):
-    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction)."""
+class SearchSettings(GenerationSettings):
+    """What the format experiment and the layer search share: the rows, the vectors' source, the candidate
+    layers and the intervention."""
 
     model: str = "toy-steer"
     data: str | None = None
-    """Rows as in Stolfo's format set; None: for toy-steer its held-out format set (`toy_steer_rows`), for any other
-    model the vendored 163 single-instruction IFEval format prompts."""
+    """Rows as in Stolfo's format set; None: for toy-steer and toy-steer-base the toy's held-out format set
+    (`toy_steer_rows`), for any other model the vendored 163 single-instruction IFEval format prompts."""
+    vectors_from: str | None = None
+    """Compute the vectors with this model and apply them to `model` (cross-model transfer, e.g. an instruct
+    model's vectors on its base model, as the authors do); it must have `model`'s width. None: `model` itself."""
+    vectors_style: str = "auto"
+    """Prompt style of the vectors_from model's pairs (its chat template where it has one)."""
     layers: list[int] | None = None
-    """Candidate layers; per instruction and fold the best on the fold's own (vector) rows is used, or none when
-    no layer beats no steering there. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
+    """Candidate layers. None: the authors' candidates, floor(L/5) to L-1 in steps of 2."""
     mode: str = "adjust_rs"
     coef: float = 1.0
-    folds: int = 2
-    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
     seed: int = 0
+    nll: bool = True
+    """Also score each validation response's mean token NLL under the unsteered model (the second degeneration
+    measure, reported beside the n-gram filter; it costs one forward pass per response)."""
     max_new_tokens: int = 96
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        check_range("coef", self.coef)
+
+
+@dataclass
+class FormatSettings(SearchSettings):
+    """What determines a format-steering experiment (Stolfo et al. §2.5: four conditions per instruction). Per
+    instruction and fold the best candidate layer on the fold's own (vector) rows is used, or none when no layer
+    beats no steering there."""
+
+    folds: int = 2
+    """Vectors for a row come from the other folds' rows of its instruction: no row steers itself."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_range("folds", self.folds, 2)
+
+
+@dataclass
+class LayerSearchSettings(SearchSettings):
+    """The authors' layer selection as a run of its own: per instruction, steer its held-out rows without the
+    instruction at every candidate layer and keep the best loose accuracy that passes the degeneration filter."""
+
+    n_valid: int = 10
+    """Held-out validation rows per instruction (the authors': 10), drawn with `seed`; the instruction's other
+    rows build its vector. An instruction with fewer rows keeps one row for its vector."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("n_valid", self.n_valid, 1)
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -282,61 +331,161 @@ def repetition(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
-               progress: ProgressFn | None = None) -> dict:
-    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
-    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
-    import random
+GenerateFn = Callable[[str, list[str], list[Steer]], list[str]]
+"""(unit, user messages, specs) -> one response text per message: a run's generation, through its store."""
 
+
+@dataclass
+class LayerScore:
+    """One candidate layer of a layer search, on the validation rows of one instruction."""
+
+    layer: int
+    """-1: no steering (always a candidate, as the authors')."""
+    n: int
+    loose: float
+    """IFEval loose accuracy of the steered responses to the rows without their instruction."""
+    degenerate: float
+    """Share of responses whose repeated word 4-grams exceed half (`repetition` > 0.5)."""
+    nll: float | None
+    """Mean over the responses of the unsteered model's mean token NLL of the response (None: not scored)."""
+    kept: float
+    """loose, or 0 when the layer's degenerate share exceeds no steering's (the authors' filter)."""
+
+
+def search_layer(model, rows: Sequence[FormatRow], vecs: SteeringVectors, candidates: Sequence[int],
+                 generate: GenerateFn, *, unit: str, mode: str = "adjust_rs", coef: float = 1.0, style: str = "auto",
+                 nll: bool = True, batch_size: int = 16) -> tuple[Steer | None, list[LayerScore]]:
+    """The authors' layer selection on `rows` (one instruction): generate without the instruction, unsteered and
+    steered at each candidate layer; score IFEval loose accuracy and the degeneration measures; a layer whose
+    degenerate share exceeds no steering's scores 0. Returns the chosen spec (None: no layer beats no steering)
+    and one LayerScore per candidate, no steering first. Generations go through `generate` under the unit names
+    `{unit}__valid_none` and `{unit}__valid_L{layer}`."""
     from olmo_iv.chat import format_prompt
     from olmo_iv.evals.ifeval import InputExample, score_example
     from olmo_iv.generate import encode
-    from olmo_iv.runs import figures
 
-    if settings.data is None and settings.model == "toy-steer":
+    messages = [r.without for r in rows]
+    prompt_ids = [encode(model.tokenizer, format_prompt(model, m, style=style)) for m in messages] if nll else []
+
+    def score(layer: int, texts: list[str]) -> LayerScore:
+        loose = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t).loose[0]
+                 for r, t in zip(rows, texts, strict=True)]
+        degenerate = sum(repetition(t) > 0.5 for t in texts) / len(texts)
+        mean_nll = None
+        if nll:
+            per = [x for x in response_nll(model, prompt_ids, [encode(model.tokenizer, t) for t in texts],
+                                           batch_size=batch_size) if x is not None]
+            mean_nll = round(sum(per) / len(per), 6) if per else None
+        return LayerScore(layer, len(texts), sum(loose) / len(loose), degenerate, mean_nll, sum(loose) / len(loose))
+
+    base = score(-1, generate(f"{unit}__valid_none", messages, []))
+    scores, best, chosen = [base], base.loose, None
+    for layer in candidates:
+        spec = vecs.spec(layer, mode=mode, coef=coef)
+        s = score(layer, generate(f"{unit}__valid_L{layer}", messages, [spec]))
+        s.kept = s.loose if s.degenerate <= base.degenerate else 0.0
+        scores.append(s)
+        if s.kept > best:
+            best, chosen = s.kept, spec
+    return chosen, scores
+
+
+def _search_data(settings: SearchSettings) -> tuple[list[FormatRow], str]:
+    """The rows and the sha256 that identifies them in the run's settings. The steering toys (either one, as the
+    steered model or the vectors' source) default to the toy's held-out format set."""
+    toys = ("toy-steer", "toy-steer-base")
+    if settings.data is None and (settings.model in toys or settings.vectors_from in toys):
         rows = toy_steer_rows()
-        data_sha = hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()
-    else:
-        rows = read_format_rows(settings.data)
-        data_sha = _file_sha(settings.data or FORMAT_DATA)
-    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha},
-                          models=[settings.model], overwrite=overwrite)
+        return rows, hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()
+    return read_format_rows(settings.data), _file_sha(settings.data or FORMAT_DATA)
+
+
+def _search_models(settings: SearchSettings):
+    """The steered model and the model the vectors come from (the same one unless vectors_from), checked for the
+    same width; and the candidate layers, checked against both."""
     model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
-    L = model.config.n_layers
+    source = model
+    if settings.vectors_from is not None:
+        source = load(settings.vectors_from, dtype=getattr(torch, settings.dtype), device=settings.device)
+        if source.config.d_model != model.config.d_model:
+            raise OlmoIVError(f"vectors_from={settings.vectors_from!r} has d_model={source.config.d_model} but "
+                              f"model={settings.model!r} has d_model={model.config.d_model}: steering vectors "
+                              "transfer only between models of the same width")
+        if source.tokenizer is None:
+            raise OlmoIVError(f"vectors_from={settings.vectors_from!r} has no tokenizer.json: its vectors need one")
+    if model.tokenizer is None:
+        raise OlmoIVError(f"model={settings.model!r} has no tokenizer.json: generation needs one")
+    L = min(model.config.n_layers, source.config.n_layers)
     candidates = settings.layers if settings.layers is not None else list(range(L // 5, L, 2))
     for layer in candidates:
         if not 0 <= layer < L:
-            raise OlmoIVError(f"layers={candidates}: this model has layers 0..{L - 1}")
-    by_id: dict[str, list[FormatRow]] = {}
-    for r in rows:
-        by_id.setdefault(r.instruction_id, []).append(r)
-    fold: dict[int, int] = {}
-    for iid, group in sorted(by_id.items()):
-        order = list(range(len(group)))
-        random.Random(f"{settings.seed}/{iid}").shuffle(order)
-        for rank, i in enumerate(order):
-            fold[group[i].key] = rank % settings.folds
+            raise OlmoIVError(f"layers={candidates}: layer {layer} is outside 0..{L - 1}"
+                              + (" (the layers both models have)" if source is not model else ""))
+    return model, source, candidates
 
-    def ids_of(texts: list[str]) -> list[list[int]]:
-        return [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
 
-    def gens(unit: str, texts: list[str], specs: list) -> list[str]:
+def _store_generate(store: RunStore, model, settings: GenerationSettings,
+                    progress: ProgressFn | None) -> GenerateFn:
+    """Generation as units of the run: a done unit is read back, never computed again."""
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+
+    def gens(unit: str, texts: list[str], specs: list[Steer]) -> list[str]:
         if not store.done(unit):
-            new = generate_steered(model, ids_of(texts), specs, max_new_tokens=settings.max_new_tokens,
+            ids = [encode(model.tokenizer, format_prompt(model, t, style=settings.style)) for t in texts]
+            new = generate_steered(model, ids, specs, max_new_tokens=settings.max_new_tokens,
                                    batch_size=settings.batch_size)
             store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
         if progress is not None:
             progress("generating", len(texts), None)
         return store.read_json(unit, "texts.json")
 
-    def accuracy(group: list[FormatRow], texts: list[str]) -> tuple[float, float]:
-        scored = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
-                  for r, t in zip(group, texts, strict=True)]
-        return (sum(s.loose[0] for s in scored) / len(scored),
-                sum(repetition(t) > 0.5 for t in texts) / len(texts))
+    return gens
 
+
+def _group(rows: Sequence[FormatRow]) -> dict[str, list[FormatRow]]:
+    by_id: dict[str, list[FormatRow]] = {}
+    for r in rows:
+        by_id.setdefault(r.instruction_id, []).append(r)
+    return dict(sorted(by_id.items()))
+
+
+def _vectors_style(settings: SearchSettings) -> str:
+    return settings.style if settings.vectors_from is None else settings.vectors_style
+
+
+LAYER_HEADER = ["layer", "n", "loose", "degenerate_share", "mean_nll", "kept_loose"]
+
+
+def _score_row(s: LayerScore) -> list:
+    return [s.layer, s.n, round(s.loose, 6), round(s.degenerate, 6), "" if s.nll is None else s.nll,
+            round(s.kept, 6)]
+
+
+def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
+    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+    import random
+
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.runs import figures
+
+    rows, data_sha = _search_data(settings)
+    model, source, candidates = _search_models(settings)
+    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
+    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha}, models=models,
+                          overwrite=overwrite)
+    by_id = _group(rows)
+    fold: dict[int, int] = {}
+    for iid, group in by_id.items():
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        for rank, i in enumerate(order):
+            fold[group[i].key] = rank % settings.folds
+    gens = _store_generate(store, model, settings, progress)
     results, layer_rows = [], []
-    for iid, group in sorted(by_id.items()):
+    for iid, group in by_id.items():
         for f in range(settings.folds):
             test = [r for r in group if fold[r.key] == f]
             train = [r for r in group if fold[r.key] != f]
@@ -345,17 +494,12 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
             tag = f"{iid.replace(':', '__')}__fold{f}"
             chosen = None
             if train:
-                vecs = compute_vectors(model, [(r.prompt, r.without) for r in train], style=settings.style,
+                vecs = compute_vectors(source, [(r.prompt, r.without) for r in train], style=_vectors_style(settings),
                                        batch_size=settings.batch_size)
-                base_acc, base_degen = accuracy(train, gens(f"{tag}__valid_none", [r.without for r in train], []))
-                best = base_acc
-                for layer in candidates:  # the authors' selection: loose accuracy on held-out prompts, filtered
-                    spec = vecs.spec(layer, mode=settings.mode, coef=settings.coef)
-                    acc, degen = accuracy(train, gens(f"{tag}__valid_L{layer}", [r.without for r in train], [spec]))
-                    kept = acc if degen <= base_degen else 0.0
-                    layer_rows.append([iid, f, layer, acc, degen, kept])
-                    if kept > best:
-                        best, chosen = kept, spec
+                chosen, scores = search_layer(model, train, vecs, candidates, gens, unit=tag, mode=settings.mode,
+                                              coef=settings.coef, style=settings.style, nll=settings.nll,
+                                              batch_size=settings.batch_size)
+                layer_rows += [[iid, f, *_score_row(s)] for s in scores]
             for cond in CONDITIONS:
                 texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
                 specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
@@ -366,11 +510,13 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
                                     int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
     header = ["key", "instruction_id", "fold", "layer", "condition", "strict", "loose", "repetition", "response"]
     store.write_csv("results.csv", header, results)
-    store.write_csv("layers.csv", ["instruction_id", "fold", "layer", "loose", "degenerate_share", "kept_loose"],
-                    layer_rows)
+    store.write_csv("layers.csv", ["instruction_id", "fold", *LAYER_HEADER], layer_rows)
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
-               "candidates": candidates, "by_instruction": {}, "overall": {}}
-    for iid in [*sorted(by_id), None]:
+               "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
+               "folds": {iid: [[r.key for r in group if fold[r.key] == f] for f in range(settings.folds)]
+                         for iid, group in by_id.items()},
+               "by_instruction": {}, "overall": {}}
+    for iid in [*by_id, None]:
         sel = [r for r in results if iid is None or r[1] == iid]
         entry = {c: {"n": sum(r[4] == c for r in sel),
                      "strict": sum(r[5] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel)),
@@ -383,7 +529,75 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
     store.write_json("summary.json", summary)
     store.save_figure("conditions", figures.steering_conditions(summary, metric="strict"))
     if layer_rows:
-        store.save_figure("layers", figures.layer_sweep(layer_rows))
+        store.save_figure("layers", figures.layer_sweep([dict(zip(["instruction_id", "fold", *LAYER_HEADER], r))
+                                                         for r in layer_rows]))
+    store.finish()
+    return summary
+
+
+def run_layers(settings: LayerSearchSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """The layer search on its own (`olmo-iv steer layers`): per instruction, vectors from its other rows and the
+    authors' selection on `n_valid` held-out rows (`search_layer`). Writes layers.csv (every candidate with its
+    loose accuracy, degenerate share, mean NLL and filtered accuracy), summary.json (the chosen layer per
+    instruction, and one layer for all), layers.{png,pdf} and each instruction's vectors under vectors/<id>/."""
+    import random
+
+    from olmo_iv.runs import figures
+
+    rows, data_sha = _search_data(settings)
+    model, source, candidates = _search_models(settings)
+    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
+    store = RunStore.open(out, "steer-layers", {**asdict(settings), "data_sha256": data_sha}, models=models,
+                          overwrite=overwrite)
+    gens = _store_generate(store, model, settings, progress)
+    by_id = _group(rows)
+    layer_rows, chosen_by, scores_by, vectors, valid_keys = [], {}, {}, {}, {}
+    for iid, group in by_id.items():
+        if len(group) < 2:
+            raise OlmoIVError(f"data: instruction {iid} has 1 row; the layer search needs at least 2 per instruction "
+                              "(one for its vector, one held out)")
+        order = list(range(len(group)))
+        random.Random(f"{settings.seed}/{iid}").shuffle(order)
+        n_valid = min(settings.n_valid, len(group) - 1)
+        valid = [group[i] for i in order[:n_valid]]
+        train = [group[i] for i in sorted(order[n_valid:])]
+        valid_keys[iid] = [r.key for r in valid]
+        tag = iid.replace(":", "__")
+        unit = f"{tag}__vectors"
+        if not store.done(unit):  # a unit, so that a resumed run searches with the very same vectors
+            v = compute_vectors(source, [(r.prompt, r.without) for r in train], style=_vectors_style(settings),
+                                batch_size=settings.batch_size)
+            v.meta.update(model=settings.vectors_from or settings.model, instruction_id=iid,
+                          keys=[r.key for r in train])
+            store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
+                                  "vectors.json": v.meta})
+        vectors[iid] = SteeringVectors.load(store.unit_dir(unit))
+        chosen, scores = search_layer(model, valid, vectors[iid], candidates, gens, unit=tag, mode=settings.mode,
+                                      coef=settings.coef, style=settings.style, nll=settings.nll,
+                                      batch_size=settings.batch_size)
+        chosen_by[iid] = chosen.layer if chosen is not None else -1
+        scores_by[iid] = scores
+        layer_rows += [[iid, *_score_row(s), int(s.layer == chosen_by[iid])] for s in scores]
+    # one layer for every instruction: the best mean filtered accuracy, if it beats no steering's mean
+    mean_kept = {c: sum(next(s.kept for s in sc if s.layer == c) for sc in scores_by.values()) / len(scores_by)
+                 for c in [-1, *candidates]}
+    overall = max(candidates, key=lambda c: (mean_kept[c], -c)) if candidates else -1
+    if not mean_kept.get(overall, 0.0) > mean_kept[-1]:
+        overall = -1
+    store.write_csv("layers.csv", ["instruction_id", *LAYER_HEADER, "chosen"], layer_rows)
+    for iid, v in vectors.items():
+        folder = f"vectors/{iid.replace(':', '__')}"
+        store.write_bytes(f"{folder}/vectors.safetensors", save(v.tensors(), metadata={"format": "pt"}))
+        store.write_json(f"{folder}/vectors.json", v.meta)
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
+               "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
+               "validation_keys": valid_keys, "chosen": chosen_by, "overall_layer": overall,
+               "mean_kept_loose": {str(k): v for k, v in mean_kept.items()},
+               "by_instruction": {iid: [asdict(s) for s in sc] for iid, sc in scores_by.items()}}
+    store.write_json("summary.json", summary)
+    store.save_figure("layers", figures.layer_sweep([dict(zip(["instruction_id", *LAYER_HEADER], r))
+                                                     for r in layer_rows]))
     store.finish()
     return summary
 
@@ -470,23 +684,51 @@ def run_keywords(settings: KeywordSettings, out: str | Path, *, overwrite: bool 
 # --------------------------------------------------------------------------------------------------- length
 
 LENGTH_QUERIES = KEYWORD_DATA / "ifeval_wo_instructions.jsonl"
-CONCISE = "Answer extremely concisely."
+LENGTH_PHRASINGS = KEYWORD_DATA / "length_phrasings.json"
+LENGTH_LEVELS = ("extremely_concise", "concise", "moderate", "verbose", "extremely_verbose")
+"""Stolfo's five levels of vague length phrasings; level 0's vector is the conciseness vector."""
+
+
+def length_phrasings() -> list[list[str]]:
+    """Per level (LENGTH_LEVELS order), its phrasings (vendored from Stolfo et al.'s repository)."""
+    levels = json.loads(LENGTH_PHRASINGS.read_text())["levels"]
+    if [lv["name"] for lv in levels] != list(LENGTH_LEVELS):
+        raise OlmoIVError(f"{LENGTH_PHRASINGS} must list the levels {', '.join(LENGTH_LEVELS)} in order")
+    return [list(lv["phrasings"]) for lv in levels]
+
+
+def length_pairs(queries: list[str], level: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(query + one of the level's phrasings, query) per query; the phrasing is drawn per query and level, as
+    the authors draw one per row, from a seeded generator so that a run is reproducible."""
+    import random
+
+    phrasings = length_phrasings()
+    if not 0 <= level < len(phrasings):
+        raise OlmoIVError(f"level={level}: the length levels are 0..{len(phrasings) - 1}")
+    return [(f"{q} {random.Random(f'{seed}/{i}/{level}').choice(phrasings[level])}", q)
+            for i, q in enumerate(queries)]
 
 
 @dataclass
 class LengthSettings(GenerationSettings):
-    """Stolfo's length experiment: a conciseness vector from (query + a vague conciseness phrase, query) pairs,
-    added while the prompt asks for at most N sentences (N = 1..5), on held-out queries."""
+    """Stolfo's length experiment: a vector per level of vague length phrasing (0 extremely concise, the
+    conciseness vector, ... 4 extremely verbose) from (query + phrasing, query) pairs, each added in its own
+    condition while the prompt asks for at most N sentences (N = 1..max_sentences), on held-out queries."""
 
     model: str = "toy"
     layer: int | None = None
     """Steered layer; None: two thirds of the way up."""
     coef: float = 20.0
-    """The multiple of the conciseness vector added (Stolfo: 20)."""
+    """The multiple of each level vector added (Stolfo: 20, with the conciseness vector)."""
+    levels: list[int] = field(default_factory=lambda: list(range(len(LENGTH_LEVELS))))
+    """Level vectors tested, each in its own condition (index into LENGTH_LEVELS)."""
     n_pairs: int = 50
-    """Queries for the vector (the first ones); the test uses the next `n_test`."""
+    """Base queries per level vector (the first ones, as the authors'); every level uses the same queries."""
     n_test: int = 50
+    """Held-out test queries (the last ones, as the authors')."""
     max_sentences: int = 5
+    seed: int = 0
+    """Seed of the phrasing drawn per query and level."""
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
@@ -495,31 +737,60 @@ class LengthSettings(GenerationSettings):
         check_range("n_pairs", self.n_pairs, 1)
         check_range("n_test", self.n_test, 1)
         check_range("max_sentences", self.max_sentences, 1)
+        if self.layer is not None:
+            check_range("layer", self.layer, 0)
+        if not self.levels or len(set(self.levels)) != len(self.levels) or \
+                not all(0 <= k < len(LENGTH_LEVELS) for k in self.levels):
+            raise OlmoIVError(f"levels={self.levels}: give distinct levels among 0..{len(LENGTH_LEVELS) - 1} "
+                              f"({', '.join(f'{k} {n}' for k, n in enumerate(LENGTH_LEVELS))})")
+
+
+def length_condition(level: int | None) -> str:
+    """The condition name of a level vector (None: the instruction alone)."""
+    return "instruction" if level is None else f"instruction+{LENGTH_LEVELS[level]}"
 
 
 def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = False,
                progress: ProgressFn | None = None) -> dict:
-    """Per N: IFEval `length_constraints:number_sentences` (fewer than N + 1, i.e. at most N) strict accuracy and
-    the mean sentence and word counts, with and without the conciseness vector."""
+    """Per N and condition (the instruction alone, or with one level vector added): IFEval
+    `length_constraints:number_sentences` (fewer than N + 1, i.e. at most N) strict accuracy and the mean sentence
+    and word counts. Writes results.csv, summary.json, length.{png,pdf} and each level's vectors under
+    vectors/level{k}/ (usable by `steer generate --vectors` and `--also`)."""
     from olmo_iv.chat import format_prompt
     from olmo_iv.evals.ifeval import check_instruction
     from olmo_iv.evals.ifeval.text import count_sentences, count_words
     from olmo_iv.generate import encode
+    from olmo_iv.runs import figures
 
     queries = [r["model_output"].strip() for _, r in read_jsonl(LENGTH_QUERIES, "data") if r.get("model_output")]
     if len(queries) < settings.n_pairs + settings.n_test:
         raise OlmoIVError(f"n_pairs={settings.n_pairs} + n_test={settings.n_test} exceed the {len(queries)} queries")
-    train, test = queries[: settings.n_pairs], queries[settings.n_pairs : settings.n_pairs + settings.n_test]
+    train, test = queries[: settings.n_pairs], queries[len(queries) - settings.n_test :]
     store = RunStore.open(out, "steer-length", asdict(settings), models=[settings.model], overwrite=overwrite)
     model = load(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
-    layer = settings.layer if settings.layer is not None else (2 * model.config.n_layers) // 3
-    vecs = compute_vectors(model, [(f"{q} {CONCISE}", q) for q in train], style=settings.style,
-                           batch_size=settings.batch_size)
-    spec = vecs.spec(layer, mode="add", coef=settings.coef)
-    rows, summary_rows = [], {}
+    L = model.config.n_layers
+    layer = settings.layer if settings.layer is not None else (2 * L) // 3
+    if not 0 <= layer < L:
+        raise OlmoIVError(f"layer={layer}: this model has layers 0..{L - 1}")
+    vecs: dict[int, SteeringVectors] = {}
+    for k in settings.levels:  # a unit each, so that a resumed run steers with the very same vectors
+        unit = f"vectors_level{k}"
+        if not store.done(unit):
+            v = compute_vectors(model, length_pairs(train, k, settings.seed), style=settings.style,
+                                batch_size=settings.batch_size)
+            v.meta.update(model=settings.model, level=k, level_name=LENGTH_LEVELS[k])
+            store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
+                                  "vectors.json": v.meta})
+        vecs[k] = SteeringVectors.load(store.unit_dir(unit))
+        if progress is not None:
+            progress("vectors", 1, len(settings.levels))
+    conditions = [None, *settings.levels]
+    rows, by_condition = [], {}
     for n in range(1, settings.max_sentences + 1):
         prompts = [f"{q} Answer using at most {n} sentence{'s' if n > 1 else ''}." for q in test]
-        for cond, specs in (("instruction", []), ("instruction+steer", [spec])):
+        for level in conditions:
+            cond = length_condition(level)
+            specs = [] if level is None else [vecs[level].spec(layer, mode="add", coef=settings.coef)]
             unit = f"n{n}_{cond.replace('+', '_')}"
             if not store.done(unit):
                 ids = [encode(model.tokenizer, format_prompt(model, p, style=settings.style)) for p in prompts]
@@ -531,15 +802,32 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
                                     {"num_sentences": n + 1, "relation": "less than"}) for t in texts]
             sentences = [count_sentences(t) for t in texts]
             words = [count_words(t) for t in texts]
-            summary_rows[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
+            by_condition[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
                                            "mean_sentences": sum(sentences) / len(texts),
                                            "mean_words": sum(words) / len(texts)}
-            rows += [[n, cond, int(o), s, w, t] for o, s, w, t in zip(ok, sentences, words, texts, strict=True)]
+            rows += [[n, cond, -1 if level is None else level, q, int(o), s, w, t]
+                     for q, o, s, w, t in zip(range(len(test)), ok, sentences, words, texts, strict=True)]
             if progress is not None:
-                progress("length", 1, 2 * settings.max_sentences)
-    store.write_csv("results.csv", ["max_sentences", "condition", "strict", "sentences", "words", "response"], rows)
+                progress("length", 1, settings.max_sentences * len(conditions))
+    store.write_csv("results.csv", ["max_sentences", "condition", "level", "query", "strict", "sentences", "words",
+                                    "response"], rows)
+    by_vector = {}
+    for level in conditions:
+        cond = length_condition(level)
+        per_n = [by_condition[f"{n}/{cond}"] for n in range(1, settings.max_sentences + 1)]
+        by_vector[cond] = {"level": level, "strict": sum(e["strict"] for e in per_n) / len(per_n),
+                           "mean_sentences": sum(e["mean_sentences"] for e in per_n) / len(per_n),
+                           "mean_words": sum(e["mean_words"] for e in per_n) / len(per_n)}
+    phrasings = length_phrasings()
+    for k in settings.levels:
+        store.write_bytes(f"vectors/level{k}/vectors.safetensors", save(vecs[k].tensors(), metadata={"format": "pt"}))
+        store.write_json(f"vectors/level{k}/vectors.json", vecs[k].meta)
     summary = {"settings": asdict(settings), "layer": layer, "checkpoints": store.checkpoints, "versions": versions(),
-               "by_condition": summary_rows}
+               "levels": [{"level": k, "name": LENGTH_LEVELS[k], "condition": length_condition(k),
+                           "phrasings": phrasings[k], "vectors": f"vectors/level{k}"} for k in settings.levels],
+               "conciseness": length_condition(0) if 0 in settings.levels else None,
+               "by_condition": by_condition, "by_vector": by_vector}
     store.write_json("summary.json", summary)
+    store.save_figure("length", figures.length_levels(summary))
     store.finish()
     return summary
