@@ -13,6 +13,7 @@ from olmo_iv.cli.app import (
     app,
     bar_callback,
     console,
+    int_list,
     out_option,
     progress_bar,
 )
@@ -21,17 +22,6 @@ from rich.markup import escape
 saif_app = typer.Typer(help="SAIF: SAE latents behind instruction following (He et al. 2025), and the bridge to "
                        "instruction vectors.", no_args_is_help=True)
 app.add_typer(saif_app, name="saif")
-
-
-def _ints(text: str | None, name: str) -> list[int] | None:
-    from olmo_iv.errors import OlmoIVError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise OlmoIVError(f"{name}={text!r}: give numbers separated by commas, e.g. 1,2,4,16") from None
 
 
 @saif_app.command("bridge")
@@ -64,7 +54,7 @@ def bridge(
     from olmo_iv.runs.bridge import BridgeSettings, run_bridge
 
     con = console()
-    settings = BridgeSettings(model=model, task=task, mode=mode, layer=layer, sae=sae, ks=_ints(ks, 'ks'), samples=samples,
+    settings = BridgeSettings(model=model, task=task, mode=mode, layer=layer, sae=sae, ks=int_list(ks, "ks"), samples=samples,
                               method=method, heldout=heldout, seed=seed, top_latents=top_latents, max_rank=max_rank,
                               device=device, dtype=dtype)
     with progress_bar(con) as bar:
@@ -90,9 +80,9 @@ def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau,
                    n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer: bool):
     from olmo_iv.runs.saif import SaifSettings
 
-    kw = {} if ks is None else {"ks": _ints(ks, "ks")}
+    kw = {} if ks is None else {"ks": int_list(ks, "ks")}
     return SaifSettings(model=model, sae=sae, source=source, types=types.split(",") if types else None, layer=layer,
-                        layers=_ints(layers, "layers"), k=k, method=method, tau=tau, variants_by=variants_by,
+                        layers=int_list(layers, "layers"), k=k, method=method, tau=tau, variants_by=variants_by,
                         weights=weights,
                         n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens, style=style,
                         batch_size=batch_size, seed=seed, device=device, dtype=dtype, steer=steer, **kw)

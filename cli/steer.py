@@ -5,20 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import DEVICE, DTYPE, OVERWRITE, app, bar_callback, console, out_option, progress_bar
+from olmo_iv.cli.app import (
+    DEVICE,
+    DTYPE,
+    OVERWRITE,
+    app,
+    bar_callback,
+    console,
+    int_list,
+    out_option,
+    progress_bar,
+)
 from rich.markup import escape
-
-
-def _ints(text: str | None, name: str = "layers") -> list[int] | None:
-    from olmo_iv.errors import OlmoIVError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise OlmoIVError(f"{name}={text!r}: give numbers separated by commas, e.g. 0,2,4") from None
-
 
 steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et al., ICLR 2025).",
                         no_args_is_help=True)
@@ -112,7 +110,7 @@ def format_(
 
     con = console()
     settings = FormatSettings(model=model, data=None if data is None else str(data),
-                              layers=_ints(layers), mode=mode, coef=coef,
+                              layers=int_list(layers, "layers"), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
                               batch_size=batch_size, vectors_from=vectors_from, vectors_style=vectors_style, nll=nll,
                               device=device, dtype=dtype)
@@ -158,7 +156,7 @@ def layers_(
     from olmo_iv.runs.steer import LayerSearchSettings, run_layers
 
     con = console()
-    settings = LayerSearchSettings(model=model, data=None if data is None else str(data), layers=_ints(layers),
+    settings = LayerSearchSettings(model=model, data=None if data is None else str(data), layers=int_list(layers, "layers"),
                                    mode=mode, coef=coef, n_valid=n_valid, seed=seed, max_new_tokens=max_new_tokens,
                                    style=style, batch_size=batch_size, vectors_from=vectors_from,
                                    vectors_style=vectors_style, nll=nll, device=device, dtype=dtype)
@@ -232,7 +230,7 @@ def length(
     from olmo_iv.runs.steer import LengthSettings, run_length
 
     con = console()
-    settings = LengthSettings(model=model, layer=layer, coef=coef, levels=_ints(levels, "levels") or [],
+    settings = LengthSettings(model=model, layer=layer, coef=coef, levels=int_list(levels, "levels") or [],
                               n_pairs=n_pairs, n_test=n_test, max_sentences=max_sentences,
                               max_new_tokens=max_new_tokens, style=style, batch_size=batch_size, seed=seed,
                               device=device, dtype=dtype)

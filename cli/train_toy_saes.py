@@ -5,20 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from olmo_iv.cli.app import app, bar_callback, progress_bar
+from olmo_iv.cli.app import app, bar_callback, int_list, progress_bar
 from olmo_iv.cli.app import console as make_console
 from rich.table import Table
-
-from olmo_iv.errors import OlmoIVError
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise OlmoIVError(f"layers={text!r} must be comma-separated integers, e.g. 0,1,2") from None
 
 
 @app.command("train-toy-saes")
@@ -35,10 +24,10 @@ def train_toy_saes_command(
 
     console = make_console()
     if quiet:
-        records = train_builtin_saes(model, out, _layers(layers))
+        records = train_builtin_saes(model, out, int_list(layers, "layers"))
     else:
         with progress_bar(console) as bar:
-            records = train_builtin_saes(model, out, _layers(layers), progress=bar_callback(bar))
+            records = train_builtin_saes(model, out, int_list(layers, "layers"), progress=bar_callback(bar))
     t = Table(title=f"{model}: SAEs written to {out}/{model} (held-out metrics)")
     for col in ("hook", "FVU", "L0", "dead", "FVU at last prompt token", "ΔCE", "KL", "seconds"):
         t.add_column(col, justify="right" if col != "hook" else "left")

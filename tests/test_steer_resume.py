@@ -5,18 +5,13 @@ and none is lost."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from olmo_iv.runs import steer as S
+from tests.killing import done_markers, kill_after, payloads
 
-ROOT = Path(__file__).resolve().parents[1]
 # The library entry points (what the `olmo-iv steer` commands call), in a subprocess that can be SIGKILLed; not the
 # CLI itself, whose imports cost seconds per start on a shared machine.
 DRIVER = """
@@ -43,33 +38,6 @@ def _format_rows(tmp_path: Path) -> str:
     return str(path)
 
 
-def _done_markers(run: Path) -> dict[str, tuple[int, int, str]]:
-    """unit -> (inode, mtime, content) of its done marker: a unit written again gets a new file (atomic rename)."""
-    out = {}
-    for p in sorted(run.glob("units/*/done.json")):
-        st = p.stat()
-        out[p.parent.name] = (st.st_ino, st.st_mtime_ns, p.read_text())
-    return out
-
-
-def _payloads(run: Path) -> dict[str, bytes]:
-    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(run.glob("units/*/*"))
-            if p.name != "done.json"}
-
-
-def _kill_after(kind: str, kw: dict, out: Path, units: int) -> None:
-    """Start the run in a subprocess and SIGKILL it as soon as `units` units are done."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, kind, str(out), json.dumps(kw)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("units/*/done.json"))) < units and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-2000:]}"
-
-
 @pytest.mark.parametrize("kind, kw, outputs", [
     ("format", dict(model="toy", layers=[1, 3], max_new_tokens=6, batch_size=2),
      ["results.csv", "layers.csv", "summary.json"]),
@@ -88,15 +56,15 @@ def test_a_killed_run_continues_to_the_uninterrupted_result(tmp_path, kind, kw, 
     whole = tmp_path / "whole"
 
     killed = tmp_path / "killed"
-    _kill_after(kind, kw, killed, units=2)
-    before = _done_markers(killed)
-    total = len(_done_markers(whole))
+    kill_after(DRIVER, [kind, str(killed), json.dumps(kw)], killed, units=2)
+    before = done_markers(killed)
+    total = len(done_markers(whole))
     assert 2 <= len(before) < total and not (killed / "summary.json").exists()
 
     run(settings_cls(**kw), killed)  # the same settings continue where the run stopped
-    after = _done_markers(killed)
-    assert set(after) == set(_done_markers(whole))  # no unit lost
+    after = done_markers(killed)
+    assert set(after) == set(done_markers(whole))  # no unit lost
     assert {u: after[u] for u in before} == before  # no finished unit computed again
-    assert _payloads(killed) == _payloads(whole)
+    assert payloads(killed) == payloads(whole)
     for name in outputs:
         assert (killed / name).read_text() == (whole / name).read_text(), name

@@ -68,8 +68,38 @@ def position_weights(positions: str, coef: float, decay: float | None, offset: i
     return w * on
 
 
+class _Scheduled:
+    """What every steering spec shares: where it acts (`layer`, `hook`), on which positions and how strongly
+    (`positions`, `coef`, `decay`). The specs are dataclasses that hold these fields."""
+
+    layer: int
+    hook: str
+    positions: str
+    coef: float
+    decay: float | None
+
+    def _check_schedule(self) -> None:
+        if self.positions not in POSITIONS:
+            raise OlmoIVError(f"positions={self.positions!r}: use one of {', '.join(POSITIONS)}")
+        if self.hook not in BLOCK_HOOKS:
+            raise OlmoIVError(f"hook={self.hook!r}: use a block hook point such as 'hook_resid_post'")
+        check_range("coef", self.coef)
+        if not abs(self.coef) < float("inf"):
+            raise OlmoIVError(f"coef={self.coef}: give a finite number")
+        if self.decay is not None:
+            check_range("decay", self.decay, 0, 1, low_open=True)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{self.hook}"
+
+    def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
+        """[length] weight of each position offset..offset+length-1 (0 where this spec does not act)."""
+        return position_weights(self.positions, self.coef, self.decay, offset, length, prompt_len, device)
+
+
 @dataclass
-class Steer:
+class Steer(_Scheduled):
     """One intervention: a direction at one layer's hook point, a mode, and where and how strongly it acts."""
 
     layer: int
@@ -93,13 +123,7 @@ class Steer:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
-        if self.positions not in POSITIONS:
-            raise OlmoIVError(f"positions={self.positions!r}: use one of {', '.join(POSITIONS)}")
-        if self.hook not in BLOCK_HOOKS:
-            raise OlmoIVError(f"hook={self.hook!r}: use a block hook point such as 'hook_resid_post'")
-        check_range("coef", self.coef)
-        if self.decay is not None:
-            check_range("decay", self.decay, 0, 1, low_open=True)
+        self._check_schedule()
         if self.mode == "adjust_rs":
             if self.zbar is None:
                 raise OlmoIVError("mode='adjust_rs' needs zbar= (the mean projection of the with-instruction runs)")
@@ -109,14 +133,6 @@ class Steer:
         if not norm > 0 or not torch.isfinite(v).all():
             raise OlmoIVError("vector= must be a finite, non-zero direction")
         self.vector = v / norm
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.{self.hook}"
-
-    def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
-        """[length] weight of each position offset..offset+length-1 (0 where this spec does not act)."""
-        return position_weights(self.positions, self.coef, self.decay, offset, length, prompt_len, device)
 
     def edit(self, x: Tensor, w: Tensor) -> Tensor:
         """x [B, T, d] edited with per-position weights w [T], in fp32, cast back to x's dtype."""
@@ -225,7 +241,7 @@ def sdcv(vector: Tensor, sae: SAE, latents: Sequence[int], *, rescale: bool = Fa
 
 
 @dataclass
-class ClampLatents:
+class ClampLatents(_Scheduled):
     """Move selected SAE latents toward target values at one hook point, keeping the SAE's error term.
 
     With codes = sae.encode(h) and new = codes + w·(values - codes) on `latents` (unchanged elsewhere), the edited
@@ -253,28 +269,13 @@ class ClampLatents:
     """The block hook point edited; by default the SAE's."""
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITIONS:
-            raise OlmoIVError(f"positions={self.positions!r}: use one of {', '.join(POSITIONS)}")
-        check_range("coef", self.coef)
-        if not abs(self.coef) < float("inf"):
-            raise OlmoIVError(f"coef={self.coef}: give a finite number")
-        if self.decay is not None:
-            check_range("decay", self.decay, 0, 1, low_open=True)
         if self.layer is None or self.hook is None:
             layer, hook = sae_site(self.sae)
             self.layer = layer if self.layer is None else self.layer
             self.hook = hook if self.hook is None else self.hook
-        if self.hook not in BLOCK_HOOKS:
-            raise OlmoIVError(f"hook={self.hook!r}: use a block hook point such as 'hook_resid_post'")
+        self._check_schedule()
         self.latents = latent_ids(self.sae, self.latents)
         self.values = _finite_vector("values", self.values, len(self.latents))
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.{self.hook}"
-
-    def weights(self, offset: int, length: int, prompt_len: int | None, device: torch.device) -> Tensor:
-        return position_weights(self.positions, self.coef, self.decay, offset, length, prompt_len, device)
 
     def edit(self, x: Tensor, w: Tensor) -> Tensor:
         """x [B, T, d] edited with per-position weights w [T]."""
