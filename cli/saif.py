@@ -142,7 +142,7 @@ def run(
         cells = [conds[c]["overall"] if t is None else conds[c]["by_type"][t] for c in shown]
         table.add_row(t or "overall", *(f"{100 * e['strict']:.0f} / {100 * e['loose']:.0f}" for e in cells))
     con.print(table)
-    con.print(f"files: {escape(str(out))}/ (latents.csv, results.csv, summary.json, vectors/, conditions, k_sweep, "
+    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, results.csv, summary.json, vectors/, conditions, k_sweep, "
               "layer_sweep, placement .png/.pdf)")
 
 
@@ -165,7 +165,7 @@ def score(
         summary = run_saif(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     for t, latents in summary["selected"][str(summary["layer"])]["post"].items():
         con.print(f"{t}: layer {summary['layer']} latents {', '.join(map(str, latents))}")
-    con.print(f"files: {escape(str(out))}/ (latents.csv, summary.json, vectors/)")
+    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, summary.json, vectors/)")
 
 
 @saif_app.command("steer")

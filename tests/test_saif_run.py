@@ -53,6 +53,12 @@ def test_latents_table_respects_exclusion(run):
         assert float(r["f_neg"]) <= summary["settings"]["tau"] + 1e-12
         assert float(r["mu_pos"]) >= float(r["mu_neg"]) or float(r["score"]) <= 0
     layer = str(summary["layer"])
+    contexts = _rows(out / "contexts.csv")
+    assert {(r["type"], int(r["latent"])) for r in contexts} == {
+        (t, j) for t in TYPES for j in summary["selected"][layer]["post"][t][:3]}
+    for t, j in {(r["type"], r["latent"]) for r in contexts}:
+        values = [float(r["value"]) for r in contexts if r["type"] == t and r["latent"] == j]
+        assert values == sorted(values, reverse=True) and values[0] > 0
     for t in TYPES:
         top = [int(r["latent"]) for r in rows if r["layer"] == layer and r["type"] == t and r["placement"] == "post"]
         assert top[: summary["settings"]["k"]] == summary["selected"][layer]["post"][t]

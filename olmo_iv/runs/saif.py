@@ -19,7 +19,7 @@ One run does the whole pipeline of He et al. (arXiv 2502.11356) for every instru
    - the layer sweep (saif at every layer, on all positions and on the prompt only: without the generated
      tokens, a final-layer edit cannot act at all) and the placement comparison (latents scored pre vs post).
 
-Outputs: latents.csv (per layer, placement, type: the top latents with mu+, mu-, f+, f-, the lowest per-variant
+Outputs: contexts.csv (the top activating prompt positions of each type's best latents), latents.csv (per layer, placement, type: the top latents with mu+, mu-, f+, f-, the lowest per-variant
 firing, logit-lens tokens, proximity), results.csv (every response with its verdicts), summary.json (accuracy
 per condition and type, settings, checkpoints, versions) and figures (conditions, k-sweep, layer sweep, placement).
 """
@@ -190,7 +190,7 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
     )
     from olmo_iv.runs import figures
     from olmo_iv.runs.steer import repetition
-    from olmo_iv.sae.analysis import logit_lens
+    from olmo_iv.sae.analysis import logit_lens, top_contexts
     from olmo_iv.tasks.saif import build_samples, saif_types
 
     source = settings.data_source()
@@ -318,6 +318,23 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
                                     "f_pos", "f_neg", "min_variant_f", "logit_lens_top", "instruction_token_rank",
                                     "instruction_token", "instruction_chance_rank", "output_token_rank",
                                     "output_token", "output_chance_rank"], latent_rows)
+
+    # top activating contexts of each type's best latents at the main layer, over all scored prompts (every type's
+    # positives and negatives): where else does the latent fire?
+    windows, owner = [], []
+    for (t, p), samples in sorted(train.items()):
+        for s in samples:
+            for side, text in (("positive", s.positive), ("negative", s.negative)):
+                windows.append(ids_of([text])[0])
+                owner.append(f"{t} {p} {side}")
+    context_rows = []
+    for t in types:
+        for j in selected[main, t, "post"][:3]:
+            for c in top_contexts(model, saes[main], windows, j, k=5, context=12, batch_size=settings.batch_size):
+                context_rows.append([main, t, j, round(c["value"], 4), owner[c["window"]], c["position"],
+                                     repr(model.tokenizer.decode([c["token"]])), model.tokenizer.decode(c["context"])])
+    store.write_csv("contexts.csv", ["layer", "type", "latent", "value", "prompt", "position", "token", "context"],
+                    context_rows)
 
     # 3. steer held-out contents without the instruction
     def spec_saif(layer: int, t: str, p: str, k: int, positions: str = "all") -> Steer | None:
