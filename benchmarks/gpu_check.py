@@ -75,7 +75,7 @@ PARTS = [
           "200", "--threads", "1"], 120, "paths-cuda.json"),
     Part("sae", "bench_sae.py", ["--device", "cuda"], ["--device", "cpu", "--steps", "1"], 45, "sae-cuda.json",
          needs=["--device", "--out", "--steps"]),
-    Part("steering", "bench_steer*.py", ["--device", "cuda"],
+    Part("steering", "bench_steer*.py", ["--device", "cuda", "--shape", "1b"],
          ["--device", "cpu", "--shape", "tiny", "--prompts", "2", "--new-tokens", "4", "--recompute-tokens", "2",
           "--layer", "1", "--repeats", "1"], 45, "steering-cuda.json", needs=["--device", "--out"]),
 ]
