@@ -43,15 +43,15 @@ OVERWRITE = typer.Option(False, help="Discard the run in --out and compute it ag
                          "settings continues where it stopped, and a finished one says where its results are.")
 
 
-def int_list(text: str | None, name: str) -> list[int] | None:
+def int_list(text: str | None, name: str, kind: type = int) -> list | None:
     """'1,2,4' -> [1, 2, 4] for a comma-separated option (None or '' -> None); `name` is the library parameter the
-    error names (the CLI shows it as the flag)."""
+    error names (the CLI shows it as the flag); kind=float reads '0.5,2' as well."""
     from olmo_iv.errors import OlmoIVError
 
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise OlmoIVError(f"{name}={text!r}: give numbers separated by commas, e.g. 0,2,4") from None
 

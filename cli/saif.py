@@ -77,15 +77,19 @@ def bridge(
 
 
 def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights, n_train,
-                   n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer: bool):
+                   n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer: bool, strengths=None,
+                   n_valid=None):
     from olmo_iv.runs.saif import SaifSettings
 
     kw = {} if ks is None else {"ks": int_list(ks, "ks")}
+    if strengths is not None:
+        kw["strengths"] = int_list(strengths, "strengths", float)
     return SaifSettings(model=model, sae=sae, source=source, types=types.split(",") if types else None, layer=layer,
                         layers=int_list(layers, "layers"), k=k, method=method, tau=tau, variants_by=variants_by,
                         weights=weights,
                         n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens, style=style,
-                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, steer=steer, **kw)
+                        batch_size=batch_size, seed=seed, device=device, dtype=dtype, steer=steer, n_valid=n_valid,
+                        **kw)
 
 
 MODEL = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id.")
@@ -116,6 +120,10 @@ def run(
     ks: str = typer.Option("1,2,4,8,16,32", help="The k-sweep, comma-separated."),
     method: str = METHOD, tau: float = TAU, variants_by: str = VARIANTS_BY, weights: str = WEIGHTS,
     n_train: int = N_TRAIN, n_test: int = N_TEST,
+    strengths: str = typer.Option("1,2,4,8,16", help="top1_decay: candidate strengths, in multiples of the latent's "
+                                  "mu- to mu+ shift, comma-separated; chosen per type on training contents."),
+    n_valid: int = typer.Option(None, help="top1_decay: training contents per type that choose the strength "
+                                "(default 16, or --n-train if fewer)."),
     max_new_tokens: int = typer.Option(64, help="New tokens per response."),
     style: str = STYLE, batch_size: int = BATCH, seed: int = SEED,
     out: Path = out_option("runs/saif"),
@@ -127,7 +135,8 @@ def run(
 
     con = console()
     settings = _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights,
-                              n_train, n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer=True)
+                              n_train, n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer=True,
+                              strengths=strengths, n_valid=n_valid)
     with progress_bar(con) as bar:
         summary = run_saif(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     from rich.table import Table
@@ -142,8 +151,10 @@ def run(
         cells = [conds[c]["overall"] if t is None else conds[c]["by_type"][t] for c in shown]
         table.add_row(t or "overall", *(f"{100 * e['strict']:.0f} / {100 * e['loose']:.0f}" for e in cells))
     con.print(table)
-    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, results.csv, summary.json, vectors/, conditions, k_sweep, "
-              "layer_sweep, placement .png/.pdf)")
+    chosen = ", ".join(f"{t} x{m:g}" if m is not None else f"{t} none" for t, m in summary["top1_multiple"].items())
+    con.print(f"top1_decay strength (multiples of mu- to mu+), chosen on training contents: {escape(chosen)}")
+    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, results.csv, top1_strength.csv, summary.json, "
+              "vectors/, conditions, k_sweep, layer_sweep, placement .png/.pdf)")
 
 
 @saif_app.command("score")

@@ -79,6 +79,52 @@ def test_exported_vector_steers_as_the_run_did(run, tmp_path):
     assert [r["text"] for r in got] == want
 
 
+def test_top1_strength_is_chosen_by_the_rule_and_steers_the_test_contents(run):
+    """top1_strength.csv follows choose_filtered on its own numbers, and the top1_decay responses are the toy's
+    generations under the chosen multiple of the best latent's mu- to mu+ shift (none chosen: unsteered)."""
+    import olmo_iv
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+    from olmo_iv.interventions.steering import decoder_rows, generate_steered, latent_steer
+    from olmo_iv.runs.saif import load_saes
+    from olmo_iv.runs.steer import choose_filtered
+    from olmo_iv.tasks.saif import build_samples
+
+    out, summary = run
+    rows = _rows(out / "top1_strength.csv")
+    layer, model = summary["layer"], olmo_iv.load(summary["settings"]["model"])
+    saes = load_saes(None, summary["settings"]["model"], model.config.n_layers, None)
+    results = _rows(out / "results.csv")
+    for t in TYPES:
+        mine = [r for r in rows if r["type"] == t]
+        assert [r["multiple"] for r in mine] == ["none", *(str(float(x)) for x in summary["settings"]["strengths"])]
+        assert all(int(r["n"]) == 12 for r in mine)  # n_valid defaults to min(16, n_train)
+        chosen, kept = choose_filtered((float(mine[0]["loose"]), float(mine[0]["degenerate"])),
+                                       [(float(r["loose"]), float(r["degenerate"])) for r in mine[1:]])
+        assert [float(r["kept"]) for r in mine[1:]] == pytest.approx(kept)
+        multiple = None if chosen is None else float(mine[1 + chosen]["multiple"])
+        assert summary["top1_multiple"][t] == multiple
+        assert [int(r["chosen"]) for r in mine] == [int(i == (0 if chosen is None else 1 + chosen))
+                                                   for i in range(len(mine))]
+        samples = build_samples(summary["source"], t, n=4, placement="post", split="test", seed=0)
+        ids = [encode(model.tokenizer, format_prompt(model, s.negative)) for s in samples]
+        specs = []
+        if multiple is not None:
+            j = summary["selected"][str(layer)]["post"][t][0]
+            r = next(x for x in _rows(out / "latents.csv")
+                     if x["layer"] == str(layer) and x["placement"] == "post" and x["type"] == t and x["rank"] == "1")
+            shift = (float(r["mu_pos"]) - float(r["mu_neg"])) * float(decoder_rows(saes[layer], [j]).norm())
+            specs = [latent_steer(saes[layer], j, multiple * shift, decay=summary["settings"]["decay"], layer=layer)]
+        want = [model.tokenizer.decode(g) for g in generate_steered(model, ids, specs, max_new_tokens=24)]
+        got = [r for r in results if r["condition"] == "top1_decay" and r["type"] == t]
+        assert [r["response"] for r in got] == want
+        assert all(int(r["steered"]) == int(multiple is not None) for r in got)
+    # both branches are exercised on the toy: one type keeps no steering, the other is steered
+    assert {summary["top1_multiple"][t] is None for t in TYPES} == {True, False}
+    # the strongest candidate on the toy makes a looping response somewhere, and the token measure sees it
+    assert max(float(r["degenerate"]) for r in rows) > 0
+
+
 def test_finished_run_says_so_and_other_settings_are_refused(run):
     out, _ = run
     with pytest.raises(RunFinished):
@@ -96,6 +142,12 @@ def test_bad_settings_are_clear_errors(tmp_path):
         small(k=0)
     with pytest.raises(OlmoIVError, match="tau="):
         small(tau=float("nan"))
+    with pytest.raises(OlmoIVError, match="strengths="):
+        small(strengths=[])
+    with pytest.raises(OlmoIVError, match="strengths="):
+        small(strengths=[2.0, 0.0])
+    with pytest.raises(OlmoIVError, match="n_valid="):
+        small(n_valid=13)  # more than n_train
 
 
 DRIVER = """

@@ -167,3 +167,21 @@ def test_cli_layers(tmp_path):
     assert "one layer for all instructions" in r.output and summary["settings"]["nll"] is False
     with open(tmp_path / "c" / "layers.csv", newline="") as f:
         assert all(row["mean_nll"] == "" for row in csv.DictReader(f))
+
+
+def test_repetition_counts_words_of_a_text_and_tokens_of_ids():
+    from olmo_iv.runs.steer import repetition
+
+    assert repetition("a b c d a b c d") == pytest.approx(1 / 5)  # 5 word 4-grams, one repeats
+    assert repetition("SURESURESURESURESURE") == 0.0  # one word: a text cannot see this loop
+    assert repetition([7] * 8) == pytest.approx(4 / 5)  # its tokens can: 5 4-grams, 4 repeat the first
+    assert repetition([1, 2, 3]) == 0.0 and repetition("") == 0.0
+
+
+def test_choose_filtered_is_the_first_best_non_degenerate_candidate_beating_no_steering():
+    from olmo_iv.runs.steer import choose_filtered
+
+    # (accuracy, degenerate share); candidate 0 loops more than no steering and keeps 0
+    assert choose_filtered((0.1, 0.2), [(0.9, 0.5), (0.6, 0.2), (0.6, 0.0), (0.3, 0.1)]) == (1, [0.0, 0.6, 0.6, 0.3])
+    assert choose_filtered((0.6, 0.0), [(0.6, 0.0), (0.9, 0.1)]) == (None, [0.6, 0.0])  # a tie does not beat it
+    assert choose_filtered((0.0, 0.0), []) == (None, [])

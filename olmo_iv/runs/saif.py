@@ -15,12 +15,13 @@ One run does the whole pipeline of He et al. (arXiv 2502.11356) for every instru
      (adjust_rs, SAIF's "calibrated residual-stream adjustment"), for every k of the k-sweep;
    - clamp: the top-k latents clamped to mu+ in SAE space, the SAE's error term kept;
    - sdcv: the difference-of-means vector denoised onto the top-k decoder directions (Zhao et al.);
-   - top1_decay: the best latent alone with a decaying strength (Xie);
+   - top1_decay: the best latent alone with a decaying strength (Xie), the strength chosen per type on training
+     contents (top1_strength.csv);
    - the layer sweep (saif at every layer, on all positions and on the prompt only: without the generated
      tokens, a final-layer edit cannot act at all) and the placement comparison (latents scored pre vs post).
 
 Outputs: contexts.csv (the top activating prompt positions of each type's best latents), latents.csv (per layer, placement, type: the top latents with mu+, mu-, f+, f-, the lowest per-variant
-firing, logit-lens tokens, proximity), results.csv (every response with its verdicts), summary.json (accuracy
+firing, logit-lens tokens, proximity), results.csv (every response with its verdicts), top1_strength.csv, summary.json (accuracy
 per condition and type, settings, checkpoints, versions) and figures (conditions, k-sweep, layer sweep, placement).
 """
 
@@ -77,6 +78,12 @@ class SaifSettings:
     """Decoder directions weighted by mu+ (mean activation on the positives) or by mu+ - mu-."""
     decay: float = 0.9
     """top1_decay: the k-th generated token gets gamma^k of the strength."""
+    strengths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
+    """top1_decay: the candidate strengths, in multiples of the shift that moves the latent's code from mu- to mu+;
+    the one used is chosen per type on `n_valid` training contents (the authors' rule, as for layers)."""
+    n_valid: int | None = None
+    """Training contents per type (without the instruction) on which top1_decay's strength is chosen (None: 16, or
+    n_train if fewer); they are among the scored ones, never among the steered test contents."""
     steer: bool = True
     """False: score and interpret only (`olmo-iv saif score`): latents.csv, vectors/ and summary.json."""
     n_train: int = 48
@@ -106,6 +113,12 @@ class SaifSettings:
             raise OlmoIVError(f"variants_by={self.variants_by!r}: use 'language' or 'phrasing'")
         check_range("tau", self.tau, 0, 1)
         check_range("decay", self.decay, 0, 1, low_open=True)
+        if not self.strengths:
+            raise OlmoIVError("strengths= is empty: give top1_decay's candidate strengths, e.g. [1, 2, 4, 8]")
+        for x in self.strengths:
+            check_range("strengths", x, 0, 1e4, low_open=True)
+        if self.n_valid is not None:
+            check_range("n_valid", self.n_valid, 1, self.n_train)
         check_range("n_train", self.n_train, 2)
         check_range("n_test", self.n_test, 1)
         check_range("max_new_tokens", self.max_new_tokens, 1)
@@ -189,8 +202,8 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         sdcv,
     )
     from olmo_iv.runs import figures
-    from olmo_iv.runs.steer import repetition
-    from olmo_iv.sae.analysis import logit_lens, top_contexts
+    from olmo_iv.runs.steer import choose_filtered, repetition
+    from olmo_iv.sae.analysis import logit_lens, top_contexts_many
     from olmo_iv.tasks.saif import build_samples, saif_types
 
     source = settings.data_source()
@@ -327,10 +340,13 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
             for side, text in (("positive", s.positive), ("negative", s.negative)):
                 windows.append(ids_of([text])[0])
                 owner.append(f"{t} {p} {side}")
+    best_of = {t: selected[main, t, "post"][:3] for t in types}
+    found = top_contexts_many(model, saes[main], windows, [j for js in best_of.values() for j in js], k=5, context=12,
+                              batch_size=settings.batch_size)
     context_rows = []
     for t in types:
-        for j in selected[main, t, "post"][:3]:
-            for c in top_contexts(model, saes[main], windows, j, k=5, context=12, batch_size=settings.batch_size):
+        for j in best_of[t]:
+            for c in found[j]:
                 context_rows.append([main, t, j, round(c["value"], 4), owner[c["window"]], c["position"],
                                      repr(model.tokenizer.decode([c["token"]])), model.tokenizer.decode(c["context"])])
     store.write_csv("contexts.csv", ["layer", "type", "latent", "value", "prompt", "position", "token", "context"],
@@ -371,14 +387,15 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         values = torch.tensor([r["mu_pos"] for r in scorers[layer, t, p].table(latents)])
         return ClampLatents(sae=saes[layer], latents=latents, values=values, layer=layer)
 
-    def spec_top1(layer: int, t: str, p: str) -> Steer | None:
-        if not selected[layer, t, p]:
+    def spec_top1(layer: int, t: str, p: str, multiple: float | None) -> Steer | None:
+        if not selected[layer, t, p] or multiple is None:
             return None
-        # the best latent's direction added with the strength that moves its code from mu- to mu+, decaying
+        # the best latent's direction added with `multiple` x the strength that moves its code from mu- to mu+,
+        # decaying over the generated tokens
         j = selected[layer, t, p][0]
         r = scorers[layer, t, p].table([j])[0]
         strength = (r["mu_pos"] - r["mu_neg"]) * float(decoder_rows(saes[layer], [j]).norm())
-        return latent_steer(saes[layer], j, strength, decay=settings.decay, layer=layer)
+        return latent_steer(saes[layer], j, multiple * strength, decay=settings.decay, layer=layer)
 
     # the SAIF vector of every type as steering vectors (`olmo-iv steer generate --vectors RUN/vectors/TYPE`):
     # u and z̄ per layer with an SAE; layers without one hold zeros, which steering refuses
@@ -412,6 +429,40 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         store.finish()
         return summary
 
+    judge = RuleJudge()
+
+    # top1_decay's strength, chosen per type on training contents without the instruction: unsteered and at each
+    # candidate multiple; a candidate whose looping share (token 4-grams, which also see "SURESURE") exceeds no
+    # steering's keeps 0, the first best wins if it beats no steering (choose_filtered, as the layer search)
+    top1_multiple: dict[str, float | None] = {}
+    strength_rows = []
+    for t in types:
+        samples = train[t, "post"][: settings.n_valid or min(16, settings.n_train)]
+        prompts = ids_of([s.negative for s in samples])
+        scored = []
+        for multiple in [None, *settings.strengths]:
+            unit = _tag("valid_top1", "none" if multiple is None else f"x{multiple:g}", t)
+            spec = spec_top1(main, t, "post", multiple)
+            if multiple is not None and spec is None:
+                break  # no selected latent: nothing to steer with
+            if not store.done(unit):
+                new = generate_steered(model, prompts, [] if spec is None else [spec],
+                                       max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+                store.complete(unit, {"ids.json": new})
+            new = store.read_json(unit, "ids.json")
+            loose = sum(judge.judge(s, model.tokenizer.decode(g)).loose for s, g in zip(samples, new, strict=True))
+            scored.append((multiple, loose / len(samples), sum(repetition(g) > 0.5 for g in new) / len(new)))
+        chosen, kept = choose_filtered(scored[0][1:], [x[1:] for x in scored[1:]])
+        top1_multiple[t] = None if chosen is None else scored[1 + chosen][0]
+        for (multiple, loose, degenerate), k in zip(scored, [scored[0][1], *kept], strict=True):
+            strength_rows.append([t, "none" if multiple is None else multiple, len(samples), round(loose, 4),
+                                  round(degenerate, 4), round(k, 4), int(multiple == top1_multiple[t])])
+        if progress is not None:
+            progress("top-1 strength", 1, len(types))
+    store.write_csv("top1_strength.csv", ["type", "multiple", "n", "loose", "degenerate", "kept", "chosen"],
+                    strength_rows)
+    summary["top1_multiple"] = top1_multiple
+
     conditions: list[tuple[str, dict[str, Any], Any]] = [
         ("none", {}, lambda t: ([], False, "post")),
         ("prompting", {"placement": "post"}, lambda t: ([], True, "post")),
@@ -419,7 +470,8 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         ("diffmean", {"layer": main}, lambda t: ([spec_diffmean(main, t, "post")], False, "post")),
         ("clamp", {"layer": main, "k": settings.k}, lambda t: ([spec_clamp(main, t, "post")], False, "post")),
         ("sdcv", {"layer": main, "k": settings.k}, lambda t: ([spec_sdcv(main, t, "post")], False, "post")),
-        ("top1_decay", {"layer": main, "k": 1}, lambda t: ([spec_top1(main, t, "post")], False, "post")),
+        ("top1_decay", {"layer": main, "k": 1},
+         lambda t: ([spec_top1(main, t, "post", top1_multiple[t])], False, "post")),
     ]
     for k in sorted(set(settings.ks)):
         conditions.append((f"saif_k{k}", {"layer": main, "k": k, "kind": "k-sweep"},
@@ -433,7 +485,6 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
     conditions.append(("saif_scored_pre", {"layer": main, "k": settings.k, "placement": "pre", "kind": "placement"},
                        lambda t: ([spec_saif(main, t, "pre", settings.k)], False, "post")))
 
-    judge = RuleJudge()
     results = []
     n_units = len(conditions) * len(types)
     for name, meta, make in conditions:
@@ -446,17 +497,17 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
             if not store.done(unit):
                 new = generate_steered(model, ids_of(texts_in), specs, max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size)
-                store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
-            texts = store.read_json(unit, "texts.json")
-            for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
+                store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new], "ids.json": new})
+            texts, ids = store.read_json(unit, "texts.json"), store.read_json(unit, "ids.json")
+            for i, (s, text, g) in enumerate(zip(samples, texts, ids, strict=True)):
                 v = judge.judge(s, text)
                 results.append([name, t, i, meta.get("layer", ""), meta.get("k", ""), meta.get("positions", "all"),
                                 meta.get("placement", "post"), int(bool(specs)), int(v.strict), int(v.loose),
-                                round(repetition(text), 4), text])
+                                round(repetition(text), 4), round(repetition(g), 4), text])
             if progress is not None:
                 progress("steering", 1, n_units)
     header = ["condition", "type", "index", "layer", "k", "positions", "placement", "steered", "strict", "loose",
-              "repetition", "response"]
+              "repetition", "token_repetition", "response"]
     store.write_csv("results.csv", header, results)
 
     for name, meta, _ in conditions:

@@ -323,12 +323,26 @@ class LayerSearchSettings(SearchSettings):
         check_range("n_valid", self.n_valid, 1)
 
 
-def repetition(text: str, n: int = 4) -> float:
-    """The share of a text's word n-grams that repeat an earlier one: the degeneration filter's measure (a
-    looping response scores near 1; Stolfo used GPT-2 perplexity < 2.5, which needs a second model)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+def repetition(seq: str | Sequence[int], n: int = 4) -> float:
+    """The share of n-grams that repeat an earlier one: the degeneration filter's measure (a looping response
+    scores near 1; Stolfo used GPT-2 perplexity < 2.5, which needs a second model). A text counts its words; a
+    sequence of token ids counts tokens, which also sees loops without spaces ("SURESURESURE" is one word)."""
+    units = seq.split() if isinstance(seq, str) else list(seq)
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def choose_filtered(base: tuple[float, float], candidates: Sequence[tuple[float, float]]) -> tuple[int | None, list[float]]:
+    """The authors' selection rule, for layers or strengths: `base` and each candidate are (accuracy, degenerate
+    share) on the same validation prompts, `base` unsteered. A candidate more degenerate than no steering keeps 0;
+    the first candidate with the highest kept accuracy wins if it beats no steering. Returns its index (None: keep
+    no steering) and every candidate's kept accuracy."""
+    kept = [acc if degenerate <= base[1] else 0.0 for acc, degenerate in candidates]
+    best, chosen = base[0], None
+    for i, k in enumerate(kept):
+        if k > best:
+            best, chosen = k, i
+    return chosen, kept
 
 
 GenerateFn = Callable[[str, list[str], list[Steer]], list[str]]
@@ -379,15 +393,13 @@ def search_layer(model, rows: Sequence[FormatRow], vecs: SteeringVectors, candid
         return LayerScore(layer, len(texts), sum(loose) / len(loose), degenerate, mean_nll, sum(loose) / len(loose))
 
     base = score(-1, generate(f"{unit}__valid_none", messages, []))
-    scores, best, chosen = [base], base.loose, None
-    for layer in candidates:
-        spec = vecs.spec(layer, mode=mode, coef=coef)
-        s = score(layer, generate(f"{unit}__valid_L{layer}", messages, [spec]))
-        s.kept = s.loose if s.degenerate <= base.degenerate else 0.0
-        scores.append(s)
-        if s.kept > best:
-            best, chosen = s.kept, spec
-    return chosen, scores
+    specs = [vecs.spec(layer, mode=mode, coef=coef) for layer in candidates]
+    scores = [score(layer, generate(f"{unit}__valid_L{layer}", messages, [spec]))
+              for layer, spec in zip(candidates, specs, strict=True)]
+    chosen, kept = choose_filtered((base.loose, base.degenerate), [(s.loose, s.degenerate) for s in scores])
+    for s, k in zip(scores, kept, strict=True):
+        s.kept = k
+    return (None if chosen is None else specs[chosen]), [base, *scores]
 
 
 def _search_data(settings: SearchSettings) -> tuple[list[FormatRow], str]:

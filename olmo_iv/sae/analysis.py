@@ -50,19 +50,32 @@ def logit_lens(model: Any, sae: SAE, latent: int, *, k: int = 10) -> dict[str, l
             "bottom": list(zip(bottom.indices.tolist(), (-bottom.values).tolist()))}
 
 
-@torch.no_grad()
 def top_contexts(model: Any, sae: SAE, windows: Sequence[Sequence[int]], latent: int, *, k: int = 10,
                  context: int = 8, exclude: Sequence[int] | None = None, batch_size: int = 16) -> list[dict[str, Any]]:
     """The k token positions of `windows` where `latent` is largest: value, window, position, and the ids of
     up to `context` tokens before it (and the token itself)."""
-    _check_latent(sae, latent)
+    return top_contexts_many(model, sae, windows, [latent], k=k, context=context, exclude=exclude,
+                             batch_size=batch_size)[latent]
+
+
+@torch.no_grad()
+def top_contexts_many(model: Any, sae: SAE, windows: Sequence[Sequence[int]], latents: Sequence[int], *,
+                      k: int = 10, context: int = 8, exclude: Sequence[int] | None = None,
+                      batch_size: int = 16) -> dict[int, list[dict[str, Any]]]:
+    """`top_contexts` of several latents from one pass over the windows (one forward and one encode per batch,
+    whatever the number of latents): {latent: its k contexts}, each list what `top_contexts` gives for it."""
+    latents = [int(j) for j in latents]
+    for j in latents:
+        _check_latent(sae, j)
     name = sae.cfg.hook_name
     if not name:
         raise OlmoIVError("the SAE records no hook point (cfg.hook_name)")
     layer = hook_layer(name)
     excl = torch.tensor(sorted(special_ids(getattr(model, "tokenizer", None), model.config) if exclude is None
                                else exclude), dtype=torch.long)
-    best: list[tuple[float, int, int]] = []
+    unique = sorted(set(latents))
+    columns = torch.tensor(unique, dtype=torch.long)
+    best: dict[int, list[tuple[float, int, int]]] = {j: [] for j in unique}
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         width = max(len(w) for w in chunk)
@@ -72,20 +85,24 @@ def top_contexts(model: Any, sae: SAE, windows: Sequence[Sequence[int]], latent:
             ids[r, :len(w)] = torch.tensor(list(w))
             valid[r, :len(w)] = True
         _, cache = model.run_with_cache(ids, [name], stop_at_layer=0 if layer is None else layer + 1)
-        acts = sae.encode(cache[name])[..., latent]
+        codes = sae.encode(cache[name])[..., columns.to(cache[name].device)].cpu()  # [b, width, n]
         if excl.numel():
             valid &= ~torch.isin(ids, excl)
-        acts = acts.masked_fill(~valid, float("-inf"))
-        vals, flat = acts.flatten().topk(min(k, acts.numel()))
-        for v, f in zip(vals.tolist(), flat.tolist()):
-            if v > float("-inf"):
-                best.append((v, i + f // width, f % width))
-        best = sorted(best, key=lambda t: -t[0])[:k]
-    out = []
-    for v, w, p in best:
-        window = list(windows[w])
-        out.append({"value": v, "window": w, "position": p, "token": window[p],
-                    "context": window[max(0, p - context):p + 1]})
+        codes = codes.masked_fill(~valid[..., None], float("-inf"))
+        for c, j in enumerate(unique):
+            acts = codes[..., c]
+            vals, flat = acts.flatten().topk(min(k, acts.numel()))
+            for v, f in zip(vals.tolist(), flat.tolist()):
+                if v > float("-inf"):
+                    best[j].append((v, i + f // width, f % width))
+            best[j] = sorted(best[j], key=lambda t: -t[0])[:k]
+    out: dict[int, list[dict[str, Any]]] = {}
+    for j in unique:
+        out[j] = []
+        for v, w, p in best[j]:
+            window = list(windows[w])
+            out[j].append({"value": v, "window": w, "position": p, "token": window[p],
+                           "context": window[max(0, p - context):p + 1]})
     return out
 
 
