@@ -173,3 +173,20 @@ def test_a_killed_run_continues_to_the_uninterrupted_result(run, tmp_path):
     assert payloads(killed) == payloads(whole)
     for name in ("latents.csv", "results.csv"):
         assert (killed / name).read_text() == (whole / name).read_text(), name
+
+
+def test_the_real_model_path_runs_on_a_model_without_a_chat_template(tmp_path):
+    """Source 'saif' (translation, summary and keyword instructions on IFEval queries, rule judges) on `toy`, which
+    has no chat template, with one of its shipped SAEs: every condition, type and test content gets a response."""
+    from olmo_iv.tasks.saif import saif_types
+
+    settings = SaifSettings(model="toy", source="saif", n_train=8, n_test=2, ks=[2], k=2, max_new_tokens=8,
+                            layers=[5], strengths=[4.0])
+    summary = run_saif(settings, tmp_path / "run")
+    assert summary["source"] == "saif" and summary["types"] == list(saif_types("saif")) and summary["layer"] == 5
+    rows = _rows(tmp_path / "run" / "results.csv")
+    assert len(rows) == len(summary["conditions"]) * len(summary["types"]) * 2
+    assert {r["type"] for r in rows} == set(summary["types"])
+    strength = _rows(tmp_path / "run" / "top1_strength.csv")
+    assert [(r["type"], r["multiple"]) for r in strength] == [(t, m) for t in summary["types"] for m in ("none", "4.0")]
+    assert int(strength[0]["n"]) == 8
