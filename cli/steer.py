@@ -23,6 +23,20 @@ steer_app = typer.Typer(help="Steering vectors and steered generation (Stolfo et
 app.add_typer(steer_app, name="steer")
 
 
+# options shared by the experiments on format rows (format, layers, compose)
+ROWS_MODEL = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set).")
+ROWS_DATA = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts.")
+ROWS_LAYERS = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2).")
+ROWS_MODE = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate.")
+ROWS_COEF = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit.")
+ROWS_TOKENS = typer.Option(96, help="New tokens per response.")
+STYLE = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa.")
+ROWS_BATCH = typer.Option(16, help="Prompts per batch and per unit of the run.")
+VECTORS_FROM = typer.Option(None, help="Compute the vectors with this model and steer --model with them (cross-model transfer, e.g. instruct -> base; same width needed).")
+VECTORS_STYLE = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs.")
+NLL = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model.")
+
+
 @steer_app.command("vectors")
 def vectors(
     model: str = typer.Option("toy", "--model", "-m", help="Built-in name, local folder or hub id."),
@@ -86,19 +100,19 @@ def generate(
 
 @steer_app.command("format")
 def format_(
-    model: str = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set)."),
-    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
-    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
-    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
-    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    model: str = ROWS_MODEL,
+    data: Path = ROWS_DATA,
+    layers: str = ROWS_LAYERS,
+    mode: str = ROWS_MODE,
+    coef: float = ROWS_COEF,
     folds: int = typer.Option(2, help="Vectors for a row come from the other folds of its instruction."),
-    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
-    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
-    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    max_new_tokens: int = ROWS_TOKENS,
+    style: str = STYLE,
+    batch_size: int = ROWS_BATCH,
     seed: int = typer.Option(0, help="Seed of the folds."),
-    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (cross-model transfer, e.g. instruct -> base; same width needed)."),
-    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
-    nll: bool = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model."),
+    vectors_from: str = VECTORS_FROM,
+    vectors_style: str = VECTORS_STYLE,
+    nll: bool = NLL,
     out: Path = out_option("runs/steer-format"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -131,19 +145,19 @@ def format_(
 
 @steer_app.command("layers")
 def layers_(
-    model: str = typer.Option("toy-steer", "--model", "-m", help="Built-in name, local folder or hub id (default: the steering toy, on its held-out format set)."),
-    data: Path = typer.Option(None, help="JSONL rows as Stolfo's format set (key, prompt, prompt_without_instruction, instruction_id_list, kwargs). Default: the vendored 163 IFEval format prompts."),
-    layers: str = typer.Option(None, help="Candidate layers, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
-    mode: str = typer.Option("adjust_rs", help="adjust_rs (the authors' choice for format), add or ablate."),
-    coef: float = typer.Option(1.0, help="add: C; adjust_rs and ablate: a weight on the edit."),
+    model: str = ROWS_MODEL,
+    data: Path = ROWS_DATA,
+    layers: str = ROWS_LAYERS,
+    mode: str = ROWS_MODE,
+    coef: float = ROWS_COEF,
     n_valid: int = typer.Option(10, help="Held-out validation rows per instruction (the authors': 10); the others build its vector."),
-    max_new_tokens: int = typer.Option(96, help="New tokens per response."),
-    style: str = typer.Option("auto", help="Prompt style: auto (the chat template if any), chat, plain or qa."),
-    batch_size: int = typer.Option(16, help="Prompts per batch and per unit of the run."),
+    max_new_tokens: int = ROWS_TOKENS,
+    style: str = STYLE,
+    batch_size: int = ROWS_BATCH,
     seed: int = typer.Option(0, help="Seed of the validation draw."),
-    vectors_from: str = typer.Option(None, help="Compute the vectors with this model and steer --model with them (same width needed)."),
-    vectors_style: str = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs."),
-    nll: bool = typer.Option(True, help="Also score each response by its mean token NLL under the unsteered model."),
+    vectors_from: str = VECTORS_FROM,
+    vectors_style: str = VECTORS_STYLE,
+    nll: bool = NLL,
     out: Path = out_option("runs/steer-layers"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -246,3 +260,56 @@ def length(
                                 for e in (summary["by_condition"][f"{n}/{c}"] for c in conds)))
     con.print(table)
     con.print(f"files: {escape(str(out))}/ (results.csv, summary.json, length.png/.pdf, vectors/level*/)")
+
+
+@steer_app.command("compose")
+def compose(
+    model: str = ROWS_MODEL,
+    data: Path = ROWS_DATA,
+    layers: str = typer.Option(None, help="Candidate layers of the format vector, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
+    mode: str = typer.Option("adjust_rs", help="The format vector's mode: adjust_rs (the authors'), add or ablate."),
+    coef: float = typer.Option(1.0, help="The format vector's coefficient (add: C; adjust_rs and ablate: a weight on the edit)."),
+    folds: int = typer.Option(2, help="Format vectors for a row come from the other folds of its instruction."),
+    length_level: int = typer.Option(0, help="The length vector: 0 extremely concise (the authors' conciseness vector) .. 4 extremely verbose."),
+    length_layer: int = typer.Option(None, help="Layer of the length vector (default: two thirds of the way up)."),
+    length_coef: float = typer.Option(20.0, help="Multiple of the unit length vector added (the authors: 20)."),
+    n_pairs: int = typer.Option(50, help="Instruction-stripped IFEval queries that build the length vector (the first ones)."),
+    max_sentences: int = typer.Option(5, help="Each row asks for at most N sentences, N drawn from 1..this."),
+    length_instruction: bool = typer.Option(True, help="Append 'Answer using at most N sentences.' to every prompt (the authors' default)."),
+    max_new_tokens: int = ROWS_TOKENS,
+    style: str = STYLE,
+    batch_size: int = ROWS_BATCH,
+    seed: int = typer.Option(0, help="Seed of the folds, of N per row and of the length phrasings."),
+    vectors_from: str = VECTORS_FROM,
+    vectors_style: str = VECTORS_STYLE,
+    nll: bool = NLL,
+    out: Path = out_option("runs/steer-compose"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Stolfo's composition: format and length vectors alone and together, with and without the format instruction,
+    every prompt asking for at most N sentences; format, length and both accuracy per condition."""
+    from rich.table import Table
+
+    from olmo_iv.runs.steer import ComposeSettings, run_compose
+
+    con = console()
+    settings = ComposeSettings(model=model, data=None if data is None else str(data),
+                               layers=int_list(layers, "layers"), mode=mode, coef=coef, folds=folds,
+                               length_level=length_level, length_layer=length_layer, length_coef=length_coef,
+                               n_pairs=n_pairs, max_sentences=max_sentences, length_instruction=length_instruction,
+                               seed=seed, max_new_tokens=max_new_tokens, style=style, batch_size=batch_size,
+                               vectors_from=vectors_from, vectors_style=vectors_style, nll=nll, device=device,
+                               dtype=dtype)
+    with progress_bar(con) as bar:
+        summary = run_compose(settings, out, overwrite=overwrite, progress=bar_callback(bar))
+    table = Table(title=f"Composition (length vector at layer {summary['length_layer']}): accuracy % and mean length")
+    for name in ("condition", "format strict", "format loose", "length", "both", "sentences", "words", "n"):
+        table.add_column(name, justify="left" if name == "condition" else "right")
+    for c, e in summary["overall"].items():
+        table.add_row(c.replace("_", " "), *(f"{100 * e[k]:.0f}" for k in ("format_strict", "format_loose", "length",
+                                                                          "both")),
+                      f"{e['mean_sentences']:.2f}", f"{e['mean_words']:.1f}", str(e["n"]))
+    con.print(table)
+    con.print(f"files: {escape(str(out))}/ (results.csv, layers.csv, summary.json, compose.png/.pdf, vectors/length/)")

@@ -1,4 +1,4 @@
-"""Steering experiments (`steer format`, `keywords`, `length`, `layers`) killed with SIGKILL after some units are done, then
+"""Steering experiments (`steer format`, `keywords`, `length`, `layers`, `compose`) killed with SIGKILL after some units are done, then
 run again with the same settings: the outputs equal an uninterrupted run's, no finished unit is computed again
 and none is lost."""
 
@@ -19,11 +19,13 @@ import json, sys
 from olmo_iv.runs import steer as S
 kind, out, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 settings, run = {"format": (S.FormatSettings, S.run_format), "keywords": (S.KeywordSettings, S.run_keywords),
-                 "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers)}[kind]
+                 "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers),
+                 "compose": (S.ComposeSettings, S.run_compose)}[kind]
 run(settings(**kw), out)
 """
 RUNS = {"format": (S.FormatSettings, S.run_format), "keywords": (S.KeywordSettings, S.run_keywords),
-        "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers)}
+        "length": (S.LengthSettings, S.run_length), "layers": (S.LayerSearchSettings, S.run_layers),
+        "compose": (S.ComposeSettings, S.run_compose)}
 
 
 def _format_rows(tmp_path: Path) -> str:
@@ -47,9 +49,11 @@ def _format_rows(tmp_path: Path) -> str:
      ["results.csv", "summary.json"]),
     ("layers", dict(model="toy", layers=[0, 1, 3], n_valid=2, max_new_tokens=6, batch_size=2),
      ["layers.csv", "summary.json"]),
-], ids=["format", "keywords", "length", "layers"])
+    ("compose", dict(model="toy", layers=[1, 3], max_new_tokens=6, batch_size=2, n_pairs=3, nll=False),
+     ["results.csv", "layers.csv", "summary.json"]),
+], ids=["format", "keywords", "length", "layers", "compose"])
 def test_a_killed_run_continues_to_the_uninterrupted_result(tmp_path, kind, kw, outputs):
-    if kind in ("format", "layers"):
+    if kind in ("format", "layers", "compose"):
         kw = {**kw, "data": _format_rows(tmp_path)}
     settings_cls, run = RUNS[kind]
     run(settings_cls(**kw), tmp_path / "whole")

@@ -358,6 +358,48 @@ def steering_conditions(summary: dict, *, metric: str = "strict", confidence: fl
     return fig
 
 
+def composition(summary: dict, *, confidence: float = 0.95) -> Figure:
+    """The composition experiment, all rows pooled: per condition, format (IFEval loose), length (at most N
+    sentences) and both accuracy, with Wilson intervals and n; beside it, the mean words and sentences."""
+    from scipy.stats import binomtest
+
+    conds = list(summary["overall"])
+    entries = [summary["overall"][c] for c in conds]
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=[3, 1])
+    metrics = [("format_loose", "format (loose)", "#4393c3"), ("length", "length", "#d6604d"),
+               ("both", "both", "#636363")]
+    width = 0.8 / len(metrics)
+    for k, (key, label, color) in enumerate(metrics):
+        vals, lo, hi = [], [], []
+        for e in entries:
+            n, v = e["n"], e[key]
+            ci = binomtest(round(v * n), n).proportion_ci(confidence, method="wilson") if n else None
+            vals.append(100 * v)
+            lo.append(100 * (v - ci.low) if ci else 0)
+            hi.append(100 * (ci.high - v) if ci else 0)
+        ax.bar(np.arange(len(conds)) - 0.4 + width * (k + 0.5), vals, width, yerr=[lo, hi], capsize=1.5,
+               error_kw={"lw": 0.6}, color=color, label=label)
+    labels = [c.replace("no_instruction", "no instr.").replace("instruction", "instr.").replace("+", "\n+ ")
+              for c in conds]
+    ax.set_xticks(range(len(conds)), labels, fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    words = [e["mean_words"] for e in entries]
+    ax2.barh(range(len(conds)), words, color="#bdbdbd")
+    for i, e in enumerate(entries):  # the sentence count beside each bar
+        ax2.text(words[i], i, f" {e['mean_sentences']:.2f} sent.", va="center", fontsize=6)
+    ax2.set_yticks(range(len(conds)), [c.replace("+", " + ") for c in conds], fontsize=6)
+    ax2.invert_yaxis()
+    ax2.set_xlim(0, 1.35 * max(words + [1.0]))
+    ax2.set_xlabel("mean words (sentences)")
+    n = entries[0]["n"] if entries else 0
+    fig.suptitle(f"Composition of format and length steering (n={n} per condition; "
+                 f"{round(100 * confidence)}% Wilson intervals)", fontsize=9)
+    return fig
+
+
 def layer_sweep(rows: list[dict]) -> Figure:
     """The layer search: per instruction, loose accuracy of steering without the instruction by layer (solid:
     after the degeneration filter; dashed: before; "none": no steering), averaged over folds, and, where scored,

@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -436,6 +437,21 @@ def _search_models(settings: SearchSettings):
     return model, source, candidates
 
 
+def _open_search_run(settings: SearchSettings, out: str | Path, kind: str, overwrite: bool,
+                     check: Callable[[Any, Any], None] | None = None):
+    """What the format, layer-search and composition runs start with: the rows, the steered model, the vectors'
+    model, the candidate layers, and the run's store, opened only after `check(model, source)` passed (a bad
+    setting writes nothing)."""
+    rows, data_sha = _search_data(settings)
+    model, source, candidates = _search_models(settings)
+    if check is not None:
+        check(model, source)
+    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
+    store = RunStore.open(out, kind, {**asdict(settings), "data_sha256": data_sha}, models=models,
+                          overwrite=overwrite)
+    return rows, model, source, candidates, store
+
+
 def _store_generate(store: RunStore, model, settings: GenerationSettings,
                     progress: ProgressFn | None) -> GenerateFn:
     """Generation as units of the run: a done unit is read back, never computed again."""
@@ -474,30 +490,23 @@ def _score_row(s: LayerScore) -> list:
             round(s.kept, 6)]
 
 
-def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
-               progress: ProgressFn | None = None) -> dict:
-    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
-    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+def _format_folds(settings: FormatSettings, rows: Sequence[FormatRow], model, source, candidates: list[int],
+                  gens: GenerateFn) -> tuple[list[tuple[str, int, str, list[FormatRow], Steer | None]], list[list],
+                                             dict[int, int]]:
+    """The format vectors of the format and composition experiments: rows are dealt into `settings.folds` folds
+    per instruction (seeded); per instruction and fold, vectors from the other folds' rows (computed by `source`)
+    and the authors' layer search on them (steering `model`). Returns (instruction, fold, unit tag, the fold's
+    rows, the chosen spec or None) per fold, the layers.csv rows, and every row's fold."""
     import random
 
-    from olmo_iv.evals.ifeval import InputExample, score_example
-    from olmo_iv.runs import figures
-
-    rows, data_sha = _search_data(settings)
-    model, source, candidates = _search_models(settings)
-    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
-    store = RunStore.open(out, "steer-format", {**asdict(settings), "data_sha256": data_sha}, models=models,
-                          overwrite=overwrite)
-    by_id = _group(rows)
     fold: dict[int, int] = {}
-    for iid, group in by_id.items():
+    for iid, group in _group(rows).items():
         order = list(range(len(group)))
         random.Random(f"{settings.seed}/{iid}").shuffle(order)
         for rank, i in enumerate(order):
             fold[group[i].key] = rank % settings.folds
-    gens = _store_generate(store, model, settings, progress)
-    results, layer_rows = [], []
-    for iid, group in by_id.items():
+    out, layer_rows = [], []
+    for iid, group in _group(rows).items():
         for f in range(settings.folds):
             test = [r for r in group if fold[r.key] == f]
             train = [r for r in group if fold[r.key] != f]
@@ -511,24 +520,40 @@ def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = F
                 chosen, scores = search_layer(model, train, vecs, candidates, gens, unit=tag, mode=settings.mode,
                                               coef=settings.coef, style=settings.style, nll=settings.nll,
                                               batch_size=settings.batch_size)
-                layer_rows += [[iid, f, *_score_row(s)] for s in scores]
-            for cond in CONDITIONS:
-                texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
-                specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
-                texts = gens(f"{tag}__{cond.replace('+', '_')}", texts_in, specs)
-                for r, t in zip(test, texts, strict=True):
-                    s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
-                    results.append([r.key, iid, f, chosen.layer if chosen is not None else -1, cond,
-                                    int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
+                layer_rows += [[iid, f, *_score_row(sc)] for sc in scores]
+            out.append((iid, f, tag, test, chosen))
+    return out, layer_rows, fold
+
+
+def run_format(settings: FormatSettings, out: str | Path, *, overwrite: bool = False,
+               progress: ProgressFn | None = None) -> dict:
+    """Four conditions per row (no instruction, no instruction + steering, instruction, instruction + steering),
+    judged by the IFEval checkers strict and loose; results.csv, summary.json, layers.csv and two figures."""
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.runs import figures
+
+    rows, model, source, candidates, store = _open_search_run(settings, out, "steer-format", overwrite)
+    gens = _store_generate(store, model, settings, progress)
+    folds, layer_rows, fold = _format_folds(settings, rows, model, source, candidates, gens)
+    results = []
+    for iid, f, tag, test, chosen in folds:
+        for cond in CONDITIONS:
+            texts_in = [r.prompt if cond.startswith("instruction") else r.without for r in test]
+            specs = [chosen] if cond.endswith("+steer") and chosen is not None else []
+            texts = gens(f"{tag}__{cond.replace('+', '_')}", texts_in, specs)
+            for r, t in zip(test, texts, strict=True):
+                s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                results.append([r.key, iid, f, chosen.layer if chosen is not None else -1, cond,
+                                int(s.strict[0]), int(s.loose[0]), round(repetition(t), 4), t])
     header = ["key", "instruction_id", "fold", "layer", "condition", "strict", "loose", "repetition", "response"]
     store.write_csv("results.csv", header, results)
     store.write_csv("layers.csv", ["instruction_id", "fold", *LAYER_HEADER], layer_rows)
     summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
                "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
                "folds": {iid: [[r.key for r in group if fold[r.key] == f] for f in range(settings.folds)]
-                         for iid, group in by_id.items()},
+                         for iid, group in _group(rows).items()},
                "by_instruction": {}, "overall": {}}
-    for iid in [*by_id, None]:
+    for iid in [*_group(rows), None]:
         sel = [r for r in results if iid is None or r[1] == iid]
         entry = {c: {"n": sum(r[4] == c for r in sel),
                      "strict": sum(r[5] for r in sel if r[4] == c) / max(1, sum(r[4] == c for r in sel)),
@@ -557,11 +582,7 @@ def run_layers(settings: LayerSearchSettings, out: str | Path, *, overwrite: boo
 
     from olmo_iv.runs import figures
 
-    rows, data_sha = _search_data(settings)
-    model, source, candidates = _search_models(settings)
-    models = [settings.model] + ([settings.vectors_from] if settings.vectors_from else [])
-    store = RunStore.open(out, "steer-layers", {**asdict(settings), "data_sha256": data_sha}, models=models,
-                          overwrite=overwrite)
+    rows, model, source, candidates, store = _open_search_run(settings, out, "steer-layers", overwrite)
     gens = _store_generate(store, model, settings, progress)
     by_id = _group(rows)
     layer_rows, chosen_by, scores_by, vectors, valid_keys = [], {}, {}, {}, {}
@@ -757,6 +778,39 @@ class LengthSettings(GenerationSettings):
                               f"({', '.join(f'{k} {n}' for k, n in enumerate(LENGTH_LEVELS))})")
 
 
+def at_most(n: int) -> str:
+    """The authors' length instruction, e.g. "Answer using at most 3 sentences." (singular for 1)."""
+    return f"Answer using at most {n} sentence{'s' if n > 1 else ''}."
+
+
+def length_verdict(text: str, n: int) -> tuple[bool, int, int]:
+    """(at most n sentences by IFEval's `length_constraints:number_sentences`, i.e. fewer than n + 1; the
+    sentence count; the word count) of a response."""
+    from olmo_iv.evals.ifeval import check_instruction
+    from olmo_iv.evals.ifeval.text import count_sentences, count_words
+
+    ok = check_instruction("length_constraints:number_sentences", text, {"num_sentences": n + 1, "relation": "less than"})
+    return bool(ok), count_sentences(text), count_words(text)
+
+
+def length_queries() -> list[str]:
+    """The 541 instruction-stripped IFEval queries (GPT-4o's `model_output`), in file order."""
+    return [r["model_output"].strip() for _, r in read_jsonl(LENGTH_QUERIES, "data") if r.get("model_output")]
+
+
+def _length_vectors(store: RunStore, model, name: str, queries: list[str], level: int, *, seed: int, style: str,
+                    batch_size: int) -> SteeringVectors:
+    """The level's vectors from (query + phrasing, query) pairs, computed once as the unit `vectors_level{k}`, so a
+    resumed run steers with the very same vectors."""
+    unit = f"vectors_level{level}"
+    if not store.done(unit):
+        v = compute_vectors(model, length_pairs(queries, level, seed), style=style, batch_size=batch_size)
+        v.meta.update(model=name, level=level, level_name=LENGTH_LEVELS[level])
+        store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
+                              "vectors.json": v.meta})
+    return SteeringVectors.load(store.unit_dir(unit))
+
+
 def length_condition(level: int | None) -> str:
     """The condition name of a level vector (None: the instruction alone)."""
     return "instruction" if level is None else f"instruction+{LENGTH_LEVELS[level]}"
@@ -769,12 +823,10 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
     and word counts. Writes results.csv, summary.json, length.{png,pdf} and each level's vectors under
     vectors/level{k}/ (usable by `steer generate --vectors` and `--also`)."""
     from olmo_iv.chat import format_prompt
-    from olmo_iv.evals.ifeval import check_instruction
-    from olmo_iv.evals.ifeval.text import count_sentences, count_words
     from olmo_iv.generate import encode
     from olmo_iv.runs import figures
 
-    queries = [r["model_output"].strip() for _, r in read_jsonl(LENGTH_QUERIES, "data") if r.get("model_output")]
+    queries = length_queries()
     if len(queries) < settings.n_pairs + settings.n_test:
         raise OlmoIVError(f"n_pairs={settings.n_pairs} + n_test={settings.n_test} exceed the {len(queries)} queries")
     train, test = queries[: settings.n_pairs], queries[len(queries) - settings.n_test :]
@@ -785,21 +837,15 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
     if not 0 <= layer < L:
         raise OlmoIVError(f"layer={layer}: this model has layers 0..{L - 1}")
     vecs: dict[int, SteeringVectors] = {}
-    for k in settings.levels:  # a unit each, so that a resumed run steers with the very same vectors
-        unit = f"vectors_level{k}"
-        if not store.done(unit):
-            v = compute_vectors(model, length_pairs(train, k, settings.seed), style=settings.style,
-                                batch_size=settings.batch_size)
-            v.meta.update(model=settings.model, level=k, level_name=LENGTH_LEVELS[k])
-            store.complete(unit, {"vectors.safetensors": save(v.tensors(), metadata={"format": "pt"}),
-                                  "vectors.json": v.meta})
-        vecs[k] = SteeringVectors.load(store.unit_dir(unit))
+    for k in settings.levels:
+        vecs[k] = _length_vectors(store, model, settings.model, train, k, seed=settings.seed, style=settings.style,
+                                  batch_size=settings.batch_size)
         if progress is not None:
             progress("vectors", 1, len(settings.levels))
     conditions = [None, *settings.levels]
     rows, by_condition = [], {}
     for n in range(1, settings.max_sentences + 1):
-        prompts = [f"{q} Answer using at most {n} sentence{'s' if n > 1 else ''}." for q in test]
+        prompts = [f"{q} {at_most(n)}" for q in test]
         for level in conditions:
             cond = length_condition(level)
             specs = [] if level is None else [vecs[level].spec(layer, mode="add", coef=settings.coef)]
@@ -810,10 +856,7 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
                                        batch_size=settings.batch_size)
                 store.complete(unit, {"texts.json": [model.tokenizer.decode(g) for g in new]})
             texts = store.read_json(unit, "texts.json")
-            ok = [check_instruction("length_constraints:number_sentences", t,
-                                    {"num_sentences": n + 1, "relation": "less than"}) for t in texts]
-            sentences = [count_sentences(t) for t in texts]
-            words = [count_words(t) for t in texts]
+            ok, sentences, words = (list(x) for x in zip(*(length_verdict(t, n) for t in texts), strict=True))
             by_condition[f"{n}/{cond}"] = {"n": len(texts), "strict": sum(ok) / len(ok),
                                            "mean_sentences": sum(sentences) / len(texts),
                                            "mean_words": sum(words) / len(texts)}
@@ -841,5 +884,132 @@ def run_length(settings: LengthSettings, out: str | Path, *, overwrite: bool = F
                "by_condition": by_condition, "by_vector": by_vector}
     store.write_json("summary.json", summary)
     store.save_figure("length", figures.length_levels(summary))
+    store.finish()
+    return summary
+
+
+COMPOSE_CONDITIONS = tuple(f"{base}{fmt}{length}" for base in ("no_instruction", "instruction")
+                           for fmt in ("", "+format") for length in ("", "+length"))
+"""The composition experiment's conditions: the format instruction in the prompt or not, times format steering,
+times length steering."""
+
+
+@dataclass
+class ComposeSettings(FormatSettings):
+    """Stolfo's composition of format and length (their composition/evaluate_format_plus_length.py): every format
+    row also asks for at most N sentences, N drawn per row; the format vector (`mode`, by default adjust_rs, at the
+    layer searched per instruction and fold exactly as in the format experiment) and a length vector (added) act
+    alone and together, with and without the format instruction in the prompt. Format is judged by the row's
+    IFEval checker, length by `length_constraints:number_sentences`."""
+
+    length_level: int = 0
+    """The length vector's level (LENGTH_LEVELS): 0 extremely concise, the authors' conciseness vector; 4 extremely
+    verbose, their verbosity vector."""
+    length_layer: int | None = None
+    """The layer where the length vector is added, and whose vector it is; None: two thirds of the way up, as
+    `steer length` (the authors: 12 of Phi-3's 32)."""
+    length_coef: float = 20.0
+    """The multiple of the unit length vector added (the authors: 20)."""
+    n_pairs: int = 50
+    """Instruction-stripped IFEval queries (the first ones) whose (query + phrasing, query) pairs give the length
+    vector, as in `steer length`."""
+    max_sentences: int = 5
+    """N is drawn per row, uniformly from 1..max_sentences, with `seed` (the authors: 1..5)."""
+    length_instruction: bool = True
+    """Append "Answer using at most N sentences." to every prompt (the authors' default); False: no prompt asks
+    for a length, and length accuracy measures what the vector alone does."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.length_level < len(LENGTH_LEVELS):
+            raise OlmoIVError(f"length_level={self.length_level}: give a level in 0..{len(LENGTH_LEVELS) - 1} "
+                              f"({', '.join(f'{k} {n}' for k, n in enumerate(LENGTH_LEVELS))})")
+        if self.length_layer is not None:
+            check_range("length_layer", self.length_layer, 0)
+        check_range("length_coef", self.length_coef)
+        check_range("n_pairs", self.n_pairs, 1)
+        check_range("max_sentences", self.max_sentences, 1)
+
+
+COMPOSE_HEADER = ["key", "instruction_id", "fold", "format_layer", "condition", "max_sentences", "format_strict",
+                  "format_loose", "length", "both", "sentences", "words", "repetition", "response"]
+
+
+def run_compose(settings: ComposeSettings, out: str | Path, *, overwrite: bool = False,
+                progress: ProgressFn | None = None) -> dict:
+    """The eight conditions of COMPOSE_CONDITIONS per format row. Writes results.csv (every response: format strict
+    and loose, at most N sentences, both, counts), layers.csv (the format layer search), summary.json (per condition,
+    overall and per instruction: n, format strict and loose, length and both accuracy, mean sentences and words),
+    compose.{png,pdf} and the length vector under vectors/length/."""
+    import random
+
+    from olmo_iv.evals.ifeval import InputExample, score_example
+    from olmo_iv.runs import figures
+
+    queries = length_queries()
+    if settings.n_pairs > len(queries):
+        raise OlmoIVError(f"n_pairs={settings.n_pairs}: there are {len(queries)} queries")
+
+    def layer_of(model) -> int:
+        return settings.length_layer if settings.length_layer is not None else (2 * model.config.n_layers) // 3
+
+    def check(model, source) -> None:
+        L = min(model.config.n_layers, source.config.n_layers)
+        if not 0 <= layer_of(model) < L:
+            raise OlmoIVError(f"length_layer={layer_of(model)}: the layers are 0..{L - 1}"
+                              + (" (the layers both models have)" if source is not model else ""))
+
+    rows, model, source, candidates, store = _open_search_run(settings, out, "steer-compose", overwrite, check)
+    length_layer = layer_of(model)
+    gens = _store_generate(store, model, settings, progress)
+    length_vecs = _length_vectors(store, source, settings.vectors_from or settings.model, queries[: settings.n_pairs],
+                                  settings.length_level, seed=settings.seed, style=_vectors_style(settings),
+                                  batch_size=settings.batch_size)
+    length_spec = length_vecs.spec(length_layer, mode="add", coef=settings.length_coef)
+    rng = random.Random(f"{settings.seed}/sentences")
+    n_of = {r.key: rng.randint(1, settings.max_sentences) for r in rows}
+
+    def message(text: str, n: int) -> str:
+        return f"{text} {at_most(n)}" if settings.length_instruction else text
+
+    folds, layer_rows, fold = _format_folds(settings, rows, model, source, candidates, gens)
+    results = []
+    for iid, f, tag, test, chosen in folds:
+        for cond in COMPOSE_CONDITIONS:
+            texts_in = [message(r.prompt if cond.startswith("instruction") else r.without, n_of[r.key]) for r in test]
+            specs = ([chosen] if "+format" in cond and chosen is not None else []) + \
+                ([length_spec] if cond.endswith("+length") else [])
+            texts = gens(f"{tag}__{cond.replace('+', '_')}", texts_in, specs)
+            for r, t in zip(test, texts, strict=True):
+                s = score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t)
+                ok, sentences, words = length_verdict(t, n_of[r.key])
+                results.append([r.key, iid, f, chosen.layer if chosen is not None else -1, cond, n_of[r.key],
+                                int(s.strict[0]), int(s.loose[0]), int(ok), int(s.loose[0] and ok), sentences, words,
+                                round(repetition(t), 4), t])
+    store.write_csv("results.csv", COMPOSE_HEADER, results)
+    store.write_csv("layers.csv", ["instruction_id", "fold", *LAYER_HEADER], layer_rows)
+    store.write_bytes("vectors/length/vectors.safetensors", save(length_vecs.tensors(), metadata={"format": "pt"}))
+    store.write_json("vectors/length/vectors.json", length_vecs.meta)
+
+    def entry(sel: list[list]) -> dict:
+        n = len(sel)
+        return {"n": n, "format_strict": sum(r[6] for r in sel) / n, "format_loose": sum(r[7] for r in sel) / n,
+                "length": sum(r[8] for r in sel) / n, "both": sum(r[9] for r in sel) / n,
+                "mean_sentences": sum(r[10] for r in sel) / n, "mean_words": sum(r[11] for r in sel) / n}
+
+    by_id = _group(rows)
+    summary = {"settings": asdict(settings), "checkpoints": store.checkpoints, "versions": versions(),
+               "candidates": candidates, "vectors_from": settings.vectors_from or settings.model,
+               "length_layer": length_layer, "length_vector": "vectors/length",
+               "format_layers": {f"{iid}/fold{f}": (chosen.layer if chosen is not None else None)
+                                 for iid, f, _, _, chosen in folds},
+               "folds": {iid: [[r.key for r in group if fold[r.key] == f] for f in range(settings.folds)]
+                         for iid, group in by_id.items()},
+               "max_sentences_of": {str(k): n for k, n in n_of.items()},
+               "overall": {c: entry([r for r in results if r[4] == c]) for c in COMPOSE_CONDITIONS},
+               "by_instruction": {iid: {c: entry([r for r in results if r[4] == c and r[1] == iid])
+                                        for c in COMPOSE_CONDITIONS} for iid in by_id}}
+    store.write_json("summary.json", summary)
+    store.save_figure("compose", figures.composition(summary))
     store.finish()
     return summary
