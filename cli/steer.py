@@ -34,7 +34,8 @@ STYLE = typer.Option("auto", help="Prompt style: auto (the chat template if any)
 ROWS_BATCH = typer.Option(16, help="Prompts per batch and per unit of the run.")
 VECTORS_FROM = typer.Option(None, help="Compute the vectors with this model and steer --model with them (cross-model transfer, e.g. instruct -> base; same width needed).")
 VECTORS_STYLE = typer.Option("auto", help="Prompt style of the --vectors-from model's pairs.")
-NLL = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model.")
+NLL = typer.Option(True, help="Also score the layer search's responses by their mean token NLL under the unsteered model (needed by --min-perplexity).")
+MIN_PPL = typer.Option(2.5, help="Second degeneration filter: responses whose perplexity under the unsteered model is below this count as degenerate (Stolfo: GPT-2 perplexity < 2.5); 1 turns it off.")
 
 
 @steer_app.command("vectors")
@@ -113,6 +114,7 @@ def format_(
     vectors_from: str = VECTORS_FROM,
     vectors_style: str = VECTORS_STYLE,
     nll: bool = NLL,
+    min_perplexity: float = MIN_PPL,
     out: Path = out_option("runs/steer-format"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -126,7 +128,7 @@ def format_(
     settings = FormatSettings(model=model, data=None if data is None else str(data),
                               layers=int_list(layers, "layers"), mode=mode, coef=coef,
                               folds=folds, seed=seed, max_new_tokens=max_new_tokens, style=style,
-                              batch_size=batch_size, vectors_from=vectors_from, vectors_style=vectors_style, nll=nll,
+                              batch_size=batch_size, vectors_from=vectors_from, vectors_style=vectors_style, nll=nll, min_perplexity=min_perplexity,
                               device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_format(settings, out, overwrite=overwrite, progress=bar_callback(bar))
@@ -158,6 +160,7 @@ def layers_(
     vectors_from: str = VECTORS_FROM,
     vectors_style: str = VECTORS_STYLE,
     nll: bool = NLL,
+    min_perplexity: float = MIN_PPL,
     out: Path = out_option("runs/steer-layers"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -173,7 +176,7 @@ def layers_(
     settings = LayerSearchSettings(model=model, data=None if data is None else str(data), layers=int_list(layers, "layers"),
                                    mode=mode, coef=coef, n_valid=n_valid, seed=seed, max_new_tokens=max_new_tokens,
                                    style=style, batch_size=batch_size, vectors_from=vectors_from,
-                                   vectors_style=vectors_style, nll=nll, device=device, dtype=dtype)
+                                   vectors_style=vectors_style, nll=nll, min_perplexity=min_perplexity, device=device, dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_layers(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     table = Table(title="Loose accuracy (%) without the instruction, after the degeneration filter")
@@ -283,6 +286,7 @@ def compose(
     vectors_from: str = VECTORS_FROM,
     vectors_style: str = VECTORS_STYLE,
     nll: bool = NLL,
+    min_perplexity: float = MIN_PPL,
     out: Path = out_option("runs/steer-compose"),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -300,7 +304,7 @@ def compose(
                                length_level=length_level, length_layer=length_layer, length_coef=length_coef,
                                n_pairs=n_pairs, max_sentences=max_sentences, length_instruction=length_instruction,
                                seed=seed, max_new_tokens=max_new_tokens, style=style, batch_size=batch_size,
-                               vectors_from=vectors_from, vectors_style=vectors_style, nll=nll, device=device,
+                               vectors_from=vectors_from, vectors_style=vectors_style, nll=nll, min_perplexity=min_perplexity, device=device,
                                dtype=dtype)
     with progress_bar(con) as bar:
         summary = run_compose(settings, out, overwrite=overwrite, progress=bar_callback(bar))

@@ -79,8 +79,9 @@ def test_search_layer_filters_degenerate_layers_and_keeps_no_steering_unless_bea
     chosen, scores = search_layer(toy, rows, vecs, [0, 1, 2, 3], fake, unit="u", nll=False)
     assert calls == [("u__valid_none", []), ("u__valid_L0", [0]), ("u__valid_L1", [1]), ("u__valid_L2", [2]),
                      ("u__valid_L3", [3])]
-    assert [(s.layer, s.loose, s.degenerate, s.kept) for s in scores] == [
-        (-1, 0.0, 0.0, 0.0), (0, 1.0, 1.0, 0.0), (1, 1.0, 0.0, 1.0), (2, 1.0, 0.0, 1.0), (3, 0.0, 0.0, 0.0)]
+    assert [(s.layer, s.loose, s.degenerate, s.low_perplexity, s.kept) for s in scores] == [
+        (-1, 0.0, 0.0, None, 0.0), (0, 1.0, 1.0, None, 0.0), (1, 1.0, 0.0, None, 1.0), (2, 1.0, 0.0, None, 1.0),
+        (3, 0.0, 0.0, None, 0.0)]
     assert chosen.layer == 1 and chosen.mode == "adjust_rs" and chosen.zbar == 1.0  # the first best layer
     texts["none"] = "the weather is nice today"  # no steering already follows: no layer beats it
     assert search_layer(toy, rows, vecs, [0, 1, 2, 3], fake, unit="u", nll=False)[0] is None
@@ -185,3 +186,31 @@ def test_choose_filtered_is_the_first_best_non_degenerate_candidate_beating_no_s
     assert choose_filtered((0.1, 0.2), [(0.9, 0.5), (0.6, 0.2), (0.6, 0.0), (0.3, 0.1)]) == (1, [0.0, 0.6, 0.6, 0.3])
     assert choose_filtered((0.6, 0.0), [(0.6, 0.0), (0.9, 0.1)]) == (None, [0.6, 0.0])  # a tie does not beat it
     assert choose_filtered((0.0, 0.0), []) == (None, [])
+    # a second criterion (the low-perplexity share) filters on its own; None means not measured
+    assert choose_filtered((0.1, 0.2, 0.0), [(0.6, 0.2, 0.5), (0.5, 0.0, 0.0)]) == (1, [0.0, 0.5])
+    assert choose_filtered((0.1, 0.2, None), [(0.6, 0.2, 0.5), (0.5, 0.0, None)]) == (0, [0.6, 0.5])
+
+
+def test_the_perplexity_filter_counts_responses_the_unsteered_model_finds_too_predictable(toy):
+    """min_perplexity: a response whose perplexity under the unsteered model is below the threshold counts for the
+    second filter; a layer with more such responses than no steering keeps 0 even when its n-grams do not loop."""
+    rows = [FormatRow(k, f"Q{k}. Answer in lowercase letters.", f"Q{k}.", "change_case:english_lowercase", {})
+            for k in range(3)]
+    vecs = SteeringVectors(torch.randn(6, 96, generator=torch.Generator().manual_seed(0)), torch.ones(6))
+    prompts = [encode(toy.tokenizer, format_prompt(toy, r.without)) for r in rows]
+    # all lowercase but the unsteered text; the toy predicts L1's words far better than the other two
+    texts = {"none": "The Weather Is Nice Today", "L1": "cold colder colder", "L2": "it is raining today"}
+    nll = {k: response_nll(toy, prompts, [encode(toy.tokenizer, t)] * 3) for k, t in texts.items()}
+    cut = (max(nll["L1"]) + min(nll["none"] + nll["L2"])) / 2
+    assert max(nll["L1"]) < cut < min(nll["none"] + nll["L2"])
+
+    def fake(unit, messages, specs):
+        return [texts[unit.rsplit("__valid_", 1)[1]]] * len(messages)
+
+    chosen, scores = search_layer(toy, rows, vecs, [1, 2], fake, unit="u", min_perplexity=float(torch.tensor(cut).exp()))
+    assert [(s.layer, s.loose, s.degenerate, s.low_perplexity, s.kept) for s in scores] == [
+        (-1, 0.0, 0.0, 0.0, 0.0), (1, 1.0, 0.0, 1.0, 0.0), (2, 1.0, 0.0, 0.0, 1.0)]
+    assert chosen.layer == 2  # L1 follows the instruction but is flagged; without the filter it would win
+    assert search_layer(toy, rows, vecs, [1, 2], fake, unit="u", min_perplexity=None)[0].layer == 1
+    assert search_layer(toy, rows, vecs, [1, 2], fake, unit="u", min_perplexity=None)[1][1].low_perplexity is None
+    assert search_layer(toy, rows, vecs, [1, 2], fake, unit="u", nll=False)[1][1].low_perplexity is None

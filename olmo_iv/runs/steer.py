@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,7 +287,12 @@ class SearchSettings(GenerationSettings):
     seed: int = 0
     nll: bool = True
     """Also score each validation response's mean token NLL under the unsteered model (the second degeneration
-    measure, reported beside the n-gram filter; it costs one forward pass per response)."""
+    measure; it costs one forward pass per response). False also turns off the perplexity filter."""
+    min_perplexity: float | None = 2.5
+    """With nll: a response whose perplexity under the unsteered model is below this counts as degenerate for the
+    second filter (Stolfo: GPT-2 perplexity < 2.5). Like the n-gram filter, it zeroes a layer only where its share
+    exceeds no steering's, so a model whose fluent responses it already predicts almost surely (the toys:
+    perplexity about 1.0) is not filtered by it. None: off."""
     max_new_tokens: int = 96
 
     def __post_init__(self) -> None:
@@ -294,6 +300,8 @@ class SearchSettings(GenerationSettings):
         if self.mode not in MODES:
             raise OlmoIVError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
         check_range("coef", self.coef)
+        if self.min_perplexity is not None:
+            check_range("min_perplexity", self.min_perplexity, 1, 1e6)
 
 
 @dataclass
@@ -333,12 +341,17 @@ def repetition(seq: str | Sequence[int], n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def choose_filtered(base: tuple[float, float], candidates: Sequence[tuple[float, float]]) -> tuple[int | None, list[float]]:
-    """The authors' selection rule, for layers or strengths: `base` and each candidate are (accuracy, degenerate
-    share) on the same validation prompts, `base` unsteered. A candidate more degenerate than no steering keeps 0;
-    the first candidate with the highest kept accuracy wins if it beats no steering. Returns its index (None: keep
-    no steering) and every candidate's kept accuracy."""
-    kept = [acc if degenerate <= base[1] else 0.0 for acc, degenerate in candidates]
+def choose_filtered(base: Sequence[float | None],
+                    candidates: Sequence[Sequence[float | None]]) -> tuple[int | None, list[float]]:
+    """The authors' selection rule, for layers or strengths: `base` and each candidate are (accuracy, then one
+    share of degenerate responses per criterion) on the same validation prompts, `base` unsteered. A candidate
+    more degenerate than no steering by any criterion keeps 0 (a criterion that is None was not measured); the
+    first candidate with the highest kept accuracy wins if it beats no steering. Returns its index (None: keep no
+    steering) and every candidate's kept accuracy."""
+    def worse(shares: Sequence[float | None]) -> bool:
+        return any(x is not None and b is not None and x > b for x, b in zip(shares, base[1:], strict=True))
+
+    kept = [0.0 if worse(c[1:]) else c[0] for c in candidates]
     best, chosen = base[0], None
     for i, k in enumerate(kept):
         if k > best:
@@ -361,18 +374,23 @@ class LayerScore:
     """IFEval loose accuracy of the steered responses to the rows without their instruction."""
     degenerate: float
     """Share of responses whose repeated word 4-grams exceed half (`repetition` > 0.5)."""
+    low_perplexity: float | None
+    """Share of responses whose perplexity under the unsteered model is below `min_perplexity` (Stolfo's
+    criterion, with the model's own perplexity for GPT-2's); None: not measured (no NLL or no threshold)."""
     nll: float | None
     """Mean over the responses of the unsteered model's mean token NLL of the response (None: not scored)."""
     kept: float
-    """loose, or 0 when the layer's degenerate share exceeds no steering's (the authors' filter)."""
+    """loose, or 0 when either degenerate share exceeds no steering's (the authors' filter)."""
 
 
 def search_layer(model, rows: Sequence[FormatRow], vecs: SteeringVectors, candidates: Sequence[int],
                  generate: GenerateFn, *, unit: str, mode: str = "adjust_rs", coef: float = 1.0, style: str = "auto",
-                 nll: bool = True, batch_size: int = 16) -> tuple[Steer | None, list[LayerScore]]:
+                 nll: bool = True, min_perplexity: float | None = None,
+                 batch_size: int = 16) -> tuple[Steer | None, list[LayerScore]]:
     """The authors' layer selection on `rows` (one instruction): generate without the instruction, unsteered and
     steered at each candidate layer; score IFEval loose accuracy and the degeneration measures; a layer whose
-    degenerate share exceeds no steering's scores 0. Returns the chosen spec (None: no layer beats no steering)
+    share of looping responses, or (with nll and min_perplexity) of responses with a perplexity below
+    min_perplexity, exceeds no steering's scores 0. Returns the chosen spec (None: no layer beats no steering)
     and one LayerScore per candidate, no steering first. Generations go through `generate` under the unit names
     `{unit}__valid_none` and `{unit}__valid_L{layer}`."""
     from olmo_iv.chat import format_prompt
@@ -386,18 +404,22 @@ def search_layer(model, rows: Sequence[FormatRow], vecs: SteeringVectors, candid
         loose = [score_example(InputExample(r.key, r.prompt, (r.instruction_id,), (r.kwargs,)), t).loose[0]
                  for r, t in zip(rows, texts, strict=True)]
         degenerate = sum(repetition(t) > 0.5 for t in texts) / len(texts)
-        mean_nll = None
+        mean_nll = low = None
         if nll:
             per = [x for x in response_nll(model, prompt_ids, [encode(model.tokenizer, t) for t in texts],
                                            batch_size=batch_size) if x is not None]
             mean_nll = round(sum(per) / len(per), 6) if per else None
-        return LayerScore(layer, len(texts), sum(loose) / len(loose), degenerate, mean_nll, sum(loose) / len(loose))
+            if min_perplexity is not None:  # perplexity < p  <=>  mean NLL < log p; an empty response has none
+                low = sum(x < math.log(min_perplexity) for x in per) / len(texts)
+        return LayerScore(layer, len(texts), sum(loose) / len(loose), degenerate, low, mean_nll,
+                          sum(loose) / len(loose))
 
     base = score(-1, generate(f"{unit}__valid_none", messages, []))
     specs = [vecs.spec(layer, mode=mode, coef=coef) for layer in candidates]
     scores = [score(layer, generate(f"{unit}__valid_L{layer}", messages, [spec]))
               for layer, spec in zip(candidates, specs, strict=True)]
-    chosen, kept = choose_filtered((base.loose, base.degenerate), [(s.loose, s.degenerate) for s in scores])
+    chosen, kept = choose_filtered((base.loose, base.degenerate, base.low_perplexity),
+                                   [(s.loose, s.degenerate, s.low_perplexity) for s in scores])
     for s, k in zip(scores, kept, strict=True):
         s.kept = k
     return (None if chosen is None else specs[chosen]), [base, *scores]
@@ -482,11 +504,12 @@ def _vectors_style(settings: SearchSettings) -> str:
     return settings.style if settings.vectors_from is None else settings.vectors_style
 
 
-LAYER_HEADER = ["layer", "n", "loose", "degenerate_share", "mean_nll", "kept_loose"]
+LAYER_HEADER = ["layer", "n", "loose", "degenerate_share", "low_perplexity_share", "mean_nll", "kept_loose"]
 
 
 def _score_row(s: LayerScore) -> list:
-    return [s.layer, s.n, round(s.loose, 6), round(s.degenerate, 6), "" if s.nll is None else s.nll,
+    return [s.layer, s.n, round(s.loose, 6), round(s.degenerate, 6),
+            "" if s.low_perplexity is None else round(s.low_perplexity, 6), "" if s.nll is None else s.nll,
             round(s.kept, 6)]
 
 
@@ -519,7 +542,7 @@ def _format_folds(settings: FormatSettings, rows: Sequence[FormatRow], model, so
                                        batch_size=settings.batch_size)
                 chosen, scores = search_layer(model, train, vecs, candidates, gens, unit=tag, mode=settings.mode,
                                               coef=settings.coef, style=settings.style, nll=settings.nll,
-                                              batch_size=settings.batch_size)
+                                              min_perplexity=settings.min_perplexity, batch_size=settings.batch_size)
                 layer_rows += [[iid, f, *_score_row(sc)] for sc in scores]
             out.append((iid, f, tag, test, chosen))
     return out, layer_rows, fold
@@ -608,7 +631,7 @@ def run_layers(settings: LayerSearchSettings, out: str | Path, *, overwrite: boo
         vectors[iid] = SteeringVectors.load(store.unit_dir(unit))
         chosen, scores = search_layer(model, valid, vectors[iid], candidates, gens, unit=tag, mode=settings.mode,
                                       coef=settings.coef, style=settings.style, nll=settings.nll,
-                                      batch_size=settings.batch_size)
+                                      min_perplexity=settings.min_perplexity, batch_size=settings.batch_size)
         chosen_by[iid] = chosen.layer if chosen is not None else -1
         scores_by[iid] = scores
         layer_rows += [[iid, *_score_row(s), int(s.layer == chosen_by[iid])] for s in scores]
