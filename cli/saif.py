@@ -78,7 +78,7 @@ def bridge(
 
 def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights, n_train,
                    n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer: bool, strengths=None,
-                   n_valid=None):
+                   n_valid=None, output_alpha=1.0):
     from olmo_iv.runs.saif import SaifSettings
 
     kw = {} if ks is None else {"ks": int_list(ks, "ks")}
@@ -89,6 +89,7 @@ def _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau,
                         weights=weights,
                         n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens, style=style,
                         batch_size=batch_size, seed=seed, device=device, dtype=dtype, steer=steer, n_valid=n_valid,
+                        output_alpha=output_alpha,
                         **kw)
 
 
@@ -122,8 +123,10 @@ def run(
     n_train: int = N_TRAIN, n_test: int = N_TEST,
     strengths: str = typer.Option("1,2,4,8,16", help="top1_decay: candidate strengths, in multiples of the latent's "
                                   "mu- to mu+ shift, comma-separated; chosen per type on training contents."),
-    n_valid: int = typer.Option(None, help="top1_decay: training contents per type that choose the strength "
-                                "(default 16, or --n-train if fewer)."),
+    n_valid: int = typer.Option(None, help="top1_decay and saif_output: training contents per type that choose the "
+                                "strength and score the latents' output (default 16, or --n-train if fewer)."),
+    output_alpha: float = typer.Option(1.0, help="saif_output: a latent's output score adds its direction at this "
+                                       "multiple of the mean residual norm."),
     max_new_tokens: int = typer.Option(64, help="New tokens per response."),
     style: str = STYLE, batch_size: int = BATCH, seed: int = SEED,
     out: Path = out_option("runs/saif"),
@@ -136,13 +139,14 @@ def run(
     con = console()
     settings = _saif_settings(model, sae, source, types, layer, layers, k, ks, method, tau, variants_by, weights,
                               n_train, n_test, max_new_tokens, style, batch_size, seed, device, dtype, steer=True,
-                              strengths=strengths, n_valid=n_valid)
+                              strengths=strengths, n_valid=n_valid, output_alpha=output_alpha)
     with progress_bar(con) as bar:
         summary = run_saif(settings, out, overwrite=overwrite, progress=bar_callback(bar))
     from rich.table import Table
 
     conds = summary["conditions"]
-    shown = [c for c in ("none", "prompting", "diffmean", f"saif_k{k}", "clamp", "sdcv", "top1_decay") if c in conds]
+    shown = [c for c in ("none", "prompting", "diffmean", f"saif_k{k}", f"saif_output_k{k}", "clamp", "sdcv", "top1_decay")
+             if c in conds]
     table = Table(title=f"strict / loose accuracy (%) without the instruction, layer {summary['layer']}")
     table.add_column("type")
     for c in shown:
@@ -153,7 +157,7 @@ def run(
     con.print(table)
     chosen = ", ".join(f"{t} x{m:g}" if m is not None else f"{t} none" for t, m in summary["top1_multiple"].items())
     con.print(f"top1_decay strength (multiples of mu- to mu+), chosen on training contents: {escape(chosen)}")
-    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, results.csv, top1_strength.csv, summary.json, "
+    con.print(f"files: {escape(str(out))}/ (latents.csv, contexts.csv, results.csv, top1_strength.csv, output_scores.csv, summary.json, "
               "vectors/, conditions, k_sweep, layer_sweep, placement .png/.pdf)")
 
 

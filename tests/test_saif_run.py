@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from olmo_iv.errors import OlmoIVError
 from olmo_iv.runs.saif import SaifSettings, run_saif, run_saif_steer
@@ -123,6 +124,55 @@ def test_top1_strength_is_chosen_by_the_rule_and_steers_the_test_contents(run):
     assert {summary["top1_multiple"][t] is None for t in TYPES} == {True, False}
     # the strongest candidate on the toy makes a looping response somewhere, and the token measure sees it
     assert max(float(r["degenerate"]) for r in rows) > 0
+
+
+def test_output_score_selection_follows_the_scores_and_steers_with_those_latents(run):
+    """output_scores.csv: the library's output score of each candidate; saif_output_k{k} takes the k best with a
+    positive score and steers with their mu+-weighted decoder directions set to the positives' mean projection."""
+    import olmo_iv
+    from olmo_iv.activations import extract
+    from olmo_iv.analysis.latents import output_score
+    from olmo_iv.chat import format_prompt
+    from olmo_iv.generate import encode
+    from olmo_iv.interventions.steering import Steer, generate_steered, latent_vector
+    from olmo_iv.runs.saif import load_saes
+    from olmo_iv.tasks.saif import build_samples
+
+    out, summary = run
+    layer, k = summary["layer"], summary["settings"]["k"]
+    model = olmo_iv.load(summary["settings"]["model"])
+    sae = load_saes(None, summary["settings"]["model"], model.config.n_layers, None)[layer]
+    scores = _rows(out / "output_scores.csv")
+    latents = _rows(out / "latents.csv")
+    results = _rows(out / "results.csv")
+
+    def ids(texts):
+        return [encode(model.tokenizer, format_prompt(model, x)) for x in texts]
+
+    for t in TYPES:
+        mine = [r for r in scores if r["type"] == t]
+        assert [int(r["latent"]) for r in mine] == summary["selected"][str(layer)]["post"][t][: len(mine)]
+        ranked = sorted(mine, key=lambda r: -float(r["output_score"]))
+        want = [int(r["latent"]) for r in ranked if float(r["output_score"]) > 0][:k]
+        assert summary["output_selected"][t] == want and want
+        assert {int(r["latent"]) for r in mine if r["selected"] == "1"} == set(want)
+        train = build_samples(summary["source"], t, n=12, placement="post", split="train", seed=0)
+        best = ranked[0]
+        again = output_score(model, sae, int(best["latent"]), ids([x.negative for x in train[:12]]),
+                             summary["output_tokens"][t]["ids"], coef=float(best["coef"]), layer=layer)
+        assert again["score"] == pytest.approx(float(best["output_score"]), abs=2e-6)
+        # the steering: mu+-weighted decoder directions of those latents, set to the positives' mean projection
+        mu = {int(r["latent"]): float(r["mu_pos"]) for r in latents
+              if r["layer"] == str(layer) and r["placement"] == "post" and r["type"] == t}
+        v = latent_vector(sae, want, torch.tensor([mu[j] for j in want]))
+        u = v / v.norm()
+        acts = extract(model, ids([x.positive for x in train]), "hook_resid_post", layers=[layer], positions=-1,
+                       batch_size=32, dtype=torch.float32)[:, 0]
+        spec = Steer(layer=layer, vector=u, mode="adjust_rs", zbar=float((acts @ u).mean()))
+        test = build_samples(summary["source"], t, n=4, placement="post", split="test", seed=0)
+        new = generate_steered(model, ids([x.negative for x in test]), [spec], max_new_tokens=24, batch_size=32)
+        got = [r["response"] for r in results if r["condition"] == f"saif_output_k{k}" and r["type"] == t]
+        assert got == [model.tokenizer.decode(g) for g in new]
 
 
 def test_finished_run_says_so_and_other_settings_are_refused(run):

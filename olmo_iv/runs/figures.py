@@ -463,8 +463,9 @@ def length_levels(summary: dict) -> Figure:
 
 # ---------------------------------------------------------------------------------------------------- SAIF
 
-SAIF_MAIN = ("none", "prompting", "diffmean", "saif", "clamp", "sdcv", "top1_decay")
-"""The main comparison's conditions, in the order the bars are drawn (saif: the k-sweep entry at the run's k)."""
+SAIF_MAIN = ("none", "prompting", "diffmean", "saif", "saif_output", "clamp", "sdcv", "top1_decay")
+"""The main comparison's conditions, in the order the bars are drawn (saif and saif_output: the entries at the
+run's k)."""
 
 
 def _wilson(v: float, n: int, confidence: float) -> tuple[float, float]:
@@ -485,10 +486,10 @@ def saif_conditions(summary: dict, *, metric: str = "strict", confidence: float 
     and no-steering baselines, with Wilson intervals."""
     conds = summary["conditions"]
     k = summary["settings"]["k"]
-    names = [c if c != "saif" else f"saif_k{k}" for c in SAIF_MAIN]
+    names = [f"{c}_k{k}" if c in ("saif", "saif_output") else c for c in SAIF_MAIN]
     names = [c for c in names if c in conds]
     types = [*summary["types"], None]
-    colors = ["#bdbdbd", "#636363", "#4393c3", "#d6604d", "#f4a582", "#92c5de", "#b2abd2"]
+    colors = ["#bdbdbd", "#636363", "#4393c3", "#d6604d", "#b2182b", "#f4a582", "#92c5de", "#b2abd2"]
     fig = Figure(figsize=(max(6.4, 1.1 * len(types) + 2), 4.4), layout="constrained")
     ax = fig.subplots()
     width = 0.84 / len(names)

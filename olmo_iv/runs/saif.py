@@ -81,6 +81,9 @@ class SaifSettings:
     strengths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     """top1_decay: the candidate strengths, in multiples of the shift that moves the latent's code from mu- to mu+;
     the one used is chosen per type on `n_valid` training contents (the authors' rule, as for layers)."""
+    output_alpha: float = 1.0
+    """saif_output: each candidate latent's output score is measured with its unit decoder direction added at this
+    multiple of the mean residual norm (the validation contents' last prompt token, at the main layer)."""
     n_valid: int | None = None
     """Training contents per type (without the instruction) on which top1_decay's strength is chosen (None: 16, or
     n_train if fewer); they are among the scored ones, never among the steered test contents."""
@@ -119,6 +122,7 @@ class SaifSettings:
             check_range("strengths", x, 0, 1e4, low_open=True)
         if self.n_valid is not None:
             check_range("n_valid", self.n_valid, 1, self.n_train)
+        check_range("output_alpha", self.output_alpha, 0, 1e3, low_open=True)
         check_range("n_train", self.n_train, 2)
         check_range("n_test", self.n_test, 1)
         check_range("max_new_tokens", self.max_new_tokens, 1)
@@ -187,7 +191,7 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
              progress: ProgressFn | None = None) -> dict:
     """The whole SAIF pipeline (module docstring); returns the summary it writes."""
     from olmo_iv.activations import extract
-    from olmo_iv.analysis.latents import LatentScorer, instruction_proximity
+    from olmo_iv.analysis.latents import LatentScorer, instruction_proximity, output_score
     from olmo_iv.chat import format_prompt
     from olmo_iv.evals.judges import RuleJudge
     from olmo_iv.generate import encode
@@ -353,9 +357,11 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
                     context_rows)
 
     # 3. steer held-out contents without the instruction
-    def spec_saif(layer: int, t: str, p: str, k: int, positions: str = "all") -> Steer | None:
+    def spec_saif(layer: int, t: str, p: str, k: int, positions: str = "all",
+                  latents: list[int] | None = None) -> Steer | None:
+        # the top-k selected latents, or the given ones (the output-score selection)
         sc, sae = scorers[layer, t, p], saes[layer]
-        latents = selected[layer, t, p][:k]
+        latents = selected[layer, t, p][:k] if latents is None else latents
         if not latents:
             return None
         table = sc.table(latents)
@@ -419,7 +425,11 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
 
     summary: dict[str, Any] = {"settings": asdict(settings), "source": source, "types": types, "layer": main,
                                "layers": layers, "checkpoints": store.checkpoints, "versions": versions(),
-                               "sae_sha256": sae_sha, "conditions": {}, "selected": {}}
+                               "sae_sha256": sae_sha, "conditions": {}, "selected": {},
+                               # the tokens following each instruction writes (output proximity, output scores)
+                               "output_tokens": {t: {"ids": tokens_of[t][1],
+                                                     "text": [model.tokenizer.decode([i]) for i in tokens_of[t][1]]}
+                                                 for t in types}}
     for (layer, t, p), latents in sorted(selected.items()):
         summary["selected"].setdefault(str(layer), {}).setdefault(p, {})[t] = latents[: settings.k]
     summary["n_positive_latents"] = {f"{layer}/{p}/{t}": int((sc.scores(settings.method) > 0).sum())
@@ -434,10 +444,11 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
     # top1_decay's strength, chosen per type on training contents without the instruction: unsteered and at each
     # candidate multiple; a candidate whose looping share (token 4-grams, which also see "SURESURE") exceeds no
     # steering's keeps 0, the first best wins if it beats no steering (choose_filtered, as the layer search)
+    n_valid = settings.n_valid or min(16, settings.n_train)  # training contents that choose strengths and latents
     top1_multiple: dict[str, float | None] = {}
     strength_rows = []
     for t in types:
-        samples = train[t, "post"][: settings.n_valid or min(16, settings.n_train)]
+        samples = train[t, "post"][:n_valid]
         prompts = ids_of([s.negative for s in samples])
         scored = []
         for multiple in [None, *settings.strengths]:
@@ -463,6 +474,35 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
                     strength_rows)
     summary["top1_multiple"] = top1_multiple
 
+    # the output score (Arad et al., S7) of every selected latent at the main layer: amplified on the validation
+    # contents, how much probability moves to the type's output tokens at the next token. The k best with a
+    # positive score give the saif_output condition: selection by what a latent writes, not by where it fires.
+    by_output: dict[str, list[int]] = {}
+    output_rows = []
+    for t in types:
+        samples = train[t, "post"][:n_valid]
+        targets = tokens_of[t][1]
+        unit = _tag("output_score", t)
+        if not store.done(unit):
+            norm = float(acts_neg[t, "post"][: len(samples), layers.index(main)].norm(dim=-1).mean())
+            prompts = ids_of([s.negative for s in samples])
+            got = {str(j): output_score(model, saes[main], j, prompts, targets, coef=settings.output_alpha * norm,
+                                        layer=main, batch_size=settings.batch_size)["score"]
+                   for j in (selected[main, t, "post"] if targets else [])}
+            store.complete(unit, {"scores.json": {"coef": settings.output_alpha * norm, "scores": got}})
+        got = store.read_json(unit, "scores.json")
+        ranked = sorted(got["scores"].items(), key=lambda kv: -kv[1])  # stable: saif order among ties
+        by_output[t] = [int(j) for j, x in ranked if x > 0][: settings.k]
+        for rank, j in enumerate(selected[main, t, "post"]):
+            if str(j) in got["scores"]:
+                output_rows.append([main, t, j, rank + 1, round(got["scores"][str(j)], 6), round(got["coef"], 6),
+                                    int(j in by_output[t])])
+        if progress is not None:
+            progress("output scores", 1, len(types))
+    store.write_csv("output_scores.csv", ["layer", "type", "latent", "saif_rank", "output_score", "coef", "selected"],
+                    output_rows)
+    summary["output_selected"] = by_output
+
     conditions: list[tuple[str, dict[str, Any], Any]] = [
         ("none", {}, lambda t: ([], False, "post")),
         ("prompting", {"placement": "post"}, lambda t: ([], True, "post")),
@@ -473,6 +513,8 @@ def run_saif(settings: SaifSettings, out: str | Path, *, overwrite: bool = False
         ("top1_decay", {"layer": main, "k": 1},
          lambda t: ([spec_top1(main, t, "post", top1_multiple[t])], False, "post")),
     ]
+    conditions.append((f"saif_output_k{settings.k}", {"layer": main, "k": settings.k, "kind": "output-score"},
+                       lambda t: ([spec_saif(main, t, "post", settings.k, latents=by_output[t])], False, "post")))
     for k in sorted(set(settings.ks)):
         conditions.append((f"saif_k{k}", {"layer": main, "k": k, "kind": "k-sweep"},
                            lambda t, k=k: ([spec_saif(main, t, "post", k)], False, "post")))
