@@ -269,9 +269,9 @@ def length(
 def compose(
     model: str = ROWS_MODEL,
     data: Path = ROWS_DATA,
-    layers: str = typer.Option(None, help="Candidate layers of the format vector, comma-separated (default: the authors', L/5 to L-1 in steps of 2)."),
-    mode: str = typer.Option("adjust_rs", help="The format vector's mode: adjust_rs (the authors'), add or ablate."),
-    coef: float = typer.Option(1.0, help="The format vector's coefficient (add: C; adjust_rs and ablate: a weight on the edit)."),
+    layers: str = ROWS_LAYERS,
+    mode: str = ROWS_MODE,
+    coef: float = ROWS_COEF,
     folds: int = typer.Option(2, help="Format vectors for a row come from the other folds of its instruction."),
     length_level: int = typer.Option(0, help="The length vector: 0 extremely concise (the authors' conciseness vector) .. 4 extremely verbose."),
     length_layer: int = typer.Option(None, help="Layer of the length vector (default: two thirds of the way up)."),

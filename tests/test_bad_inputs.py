@@ -85,6 +85,7 @@ CASES = [
     (["steer", "compose", "--length-level", "7"], "--length-level 7"),
     (["steer", "format", "--min-perplexity", "0.5"], "--min-perplexity 0.5"),
     (["steer", "compose", "--length-coef", "nan"], "--length-coef nan"),
+    (["steer", "compose", "--length-coef", "inf"], "--length-coef inf"),
     (["steer", "compose", "--length-layer", "4", "--out", "{tmp}"], "--length-layer 4"),
     (["steer", "layers", "--vectors-from", "toy", "--layers", "5"], "--layers [5]: layer 5 is outside 0..3"),
     (["ifeval", "--model", "toy", "--batch-size", "0"], "--batch-size 0"),

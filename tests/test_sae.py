@@ -437,29 +437,35 @@ def test_cli_train_eval_inspect(tmp_path):
     assert isinstance(res.exception, RunFinished) and str(out) in str(res.exception)
 
 
-def test_top_contexts_of_many_latents_equal_each_latent_alone(toy):
-    """One pass over the windows for several latents gives, latent by latent, what one pass each gives: the same
-    values, windows, positions and order (ties included), with special tokens excluded."""
+def test_top_contexts_of_many_latents_equal_a_per_window_reference(toy):
+    """The one-pass, batched, many-latent search equals the straightforward one: every window run alone, every
+    non-special position's code collected, sorted by value (ties in window then position order), the first k."""
     from olmo_iv.sae.analysis import top_contexts, top_contexts_many
     from olmo_iv.sae.builtin import builtin_sae
     from olmo_iv.sae.data import special_ids
 
     sae = builtin_sae("toy", 2)
+    name = sae.cfg.hook_name
     gen = torch.Generator().manual_seed(3)
     windows = [torch.randint(0, toy.config.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(3, 20, (23,), generator=gen)]
     windows += [windows[4]]  # a duplicate window: equal values, ties broken by window order
-    codes = sae.encode(toy.run_with_cache(torch.tensor([windows[0]]), [sae.cfg.hook_name])[1][sae.cfg.hook_name])
+    specials = special_ids(toy.tokenizer, toy.config)
+    windows[7][2] = sorted(specials)[0]  # a special token is never a context
+    with torch.no_grad():
+        codes = [sae.encode(toy.run_with_cache(torch.tensor([w]), [name])[1][name])[0] for w in windows]
     latents = [int(j) for j in codes[0].amax(0).topk(4).indices] + [int(codes[0].amax(0).topk(4).indices[0])]
     many = top_contexts_many(toy, sae, windows, latents, k=6, context=3, batch_size=5)
     assert set(many) == set(latents)
-    specials = special_ids(toy.tokenizer, toy.config)
     for j in latents:
-        alone = top_contexts(toy, sae, windows, j, k=6, context=3, batch_size=5)
-        assert many[j] == alone and len(alone) == 6
-        assert [c["value"] for c in alone] == sorted((c["value"] for c in alone), reverse=True)
-        for c in alone:
-            assert c["token"] == windows[c["window"]][c["position"]] and c["token"] not in specials
-            assert c["context"][-1] == c["token"] and len(c["context"]) <= 4
+        cells = sorted(((float(c[p, j]), w, p) for w, c in enumerate(codes) for p in range(len(windows[w]))
+                        if windows[w][p] not in specials), key=lambda x: -x[0])[:6]
+        got = many[j]
+        assert [(c["window"], c["position"]) for c in got] == [(w, p) for _, w, p in cells]
+        assert [c["value"] for c in got] == pytest.approx([v for v, _, _ in cells], abs=1e-5)
+        for c in got:
+            assert c["token"] == windows[c["window"]][c["position"]]
+            assert c["context"] == windows[c["window"]][max(0, c["position"] - 3): c["position"] + 1]
+        assert top_contexts(toy, sae, windows, j, k=6, context=3, batch_size=5) == got
     with pytest.raises(OlmoIVError, match="latent="):
         top_contexts_many(toy, sae, windows, [sae.cfg.d_sae])

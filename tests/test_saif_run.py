@@ -221,7 +221,7 @@ def test_a_killed_run_continues_to_the_uninterrupted_result(run, tmp_path):
     assert set(after) == set(done_markers(whole))  # no unit lost
     assert {u: after[u] for u in before} == before  # no finished unit computed again
     assert payloads(killed) == payloads(whole)
-    for name in ("latents.csv", "results.csv"):
+    for name in ("latents.csv", "contexts.csv", "results.csv", "top1_strength.csv", "output_scores.csv"):
         assert (killed / name).read_text() == (whole / name).read_text(), name
 
 

@@ -17,11 +17,13 @@ One run does the whole pipeline of He et al. (arXiv 2502.11356) for every instru
    - sdcv: the difference-of-means vector denoised onto the top-k decoder directions (Zhao et al.);
    - top1_decay: the best latent alone with a decaying strength (Xie), the strength chosen per type on training
      contents (top1_strength.csv);
+   - saif_output_k{k}: the SAIF vector from the k selected latents with the best output score (Arad et al.: the
+     next-token probability a latent moves to the type's output tokens when amplified; output_scores.csv);
    - the layer sweep (saif at every layer, on all positions and on the prompt only: without the generated
      tokens, a final-layer edit cannot act at all) and the placement comparison (latents scored pre vs post).
 
 Outputs: contexts.csv (the top activating prompt positions of each type's best latents), latents.csv (per layer, placement, type: the top latents with mu+, mu-, f+, f-, the lowest per-variant
-firing, logit-lens tokens, proximity), results.csv (every response with its verdicts), top1_strength.csv, summary.json (accuracy
+firing, logit-lens tokens, proximity), results.csv (every response with its verdicts), top1_strength.csv, output_scores.csv, summary.json (accuracy
 per condition and type, settings, checkpoints, versions) and figures (conditions, k-sweep, layer sweep, placement).
 """
 
@@ -85,8 +87,9 @@ class SaifSettings:
     """saif_output: each candidate latent's output score is measured with its unit decoder direction added at this
     multiple of the mean residual norm (the validation contents' last prompt token, at the main layer)."""
     n_valid: int | None = None
-    """Training contents per type (without the instruction) on which top1_decay's strength is chosen (None: 16, or
-    n_train if fewer); they are among the scored ones, never among the steered test contents."""
+    """Training contents per type (without the instruction) on which top1_decay's strength is chosen and the
+    latents' output scores are measured (None: 16, or n_train if fewer); they are among the scored ones, never
+    among the steered test contents."""
     steer: bool = True
     """False: score and interpret only (`olmo-iv saif score`): latents.csv, vectors/ and summary.json."""
     n_train: int = 48

@@ -333,8 +333,8 @@ class LayerSearchSettings(SearchSettings):
 
 
 def repetition(seq: str | Sequence[int], n: int = 4) -> float:
-    """The share of n-grams that repeat an earlier one: the degeneration filter's measure (a looping response
-    scores near 1; Stolfo used GPT-2 perplexity < 2.5, which needs a second model). A text counts its words; a
+    """The share of n-grams that repeat an earlier one: the n-gram degeneration filter's measure (a looping
+    response scores near 1; the perplexity filter is the other, `min_perplexity`). A text counts its words; a
     sequence of token ids counts tokens, which also sees loops without spaces ("SURESURESURE" is one word)."""
     units = seq.split() if isinstance(seq, str) else list(seq)
     grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
@@ -949,7 +949,7 @@ class ComposeSettings(FormatSettings):
                               f"({', '.join(f'{k} {n}' for k, n in enumerate(LENGTH_LEVELS))})")
         if self.length_layer is not None:
             check_range("length_layer", self.length_layer, 0)
-        check_range("length_coef", self.length_coef)
+        check_range("length_coef", self.length_coef, -1e6, 1e6)
         check_range("n_pairs", self.n_pairs, 1)
         check_range("max_sentences", self.max_sentences, 1)
 
